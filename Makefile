@@ -1,0 +1,30 @@
+# Two commands: `make run` (embedded SQLite server with an admin and an agent command line)
+# and `make test` (the whole suite).
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+BIND ?= 127.0.0.1:8000
+
+.PHONY: run test lint bench
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/tether migrate --noinput -v0
+	$(BIN)/tether bootstrap --bind $(BIND)
+	exec $(BIN)/tether serve --bind $(BIND) --no-migrate
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench agent
+	$(BIN)/ruff format --check src tests bench
+
+test: $(STAMP) lint
+	$(BIN)/pytest
+
+bench: $(STAMP)
+	$(BIN)/python bench/dispatch.py

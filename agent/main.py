@@ -1,0 +1,1350 @@
+#!/usr/bin/env python3
+"""Tether agent: pulls commands from a Tether server, runs them, streams their output back.
+
+One file on the Python >= 3.8 standard library, so that it installs on any host and upgrades by
+replacing this file. The sections follow the agent's life: config, state on disk, HTTP client,
+registration, poll loop, running a command, output spooling and sending, main.
+The wire protocol is docs/agent-protocol.md in the Tether repository.
+"""
+
+__version__ = "0.1.0"
+
+import argparse
+import base64
+import contextlib
+import hashlib
+import hmac
+import http.client
+import json
+import os
+import platform
+import queue
+import random
+import re
+import selectors
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import urllib.error
+import urllib.request
+from email.utils import parsedate_to_datetime
+from urllib.parse import quote, urlsplit
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+DEFAULT_STATE_DIR = "/var/lib/tether-agent"
+STREAMS = ("stdout", "stderr")
+
+BACKOFF_START = 0.2  # seconds; exponential with full jitter
+BACKOFF_CAP = 5.0
+REGISTER_BACKOFF_CAP = 60.0  # a refused registration needs a human; don't hammer the server
+HTTP_TIMEOUT = 15.0
+
+READ_SIZE = 65536
+STREAM_INTERVAL = 0.25  # new output reaches the server at least this often
+STREAM_EAGER_BYTES = 64 * 1024  # ...or at once when this much is pending
+MAX_CHUNK_BYTES = 256 * 1024  # raw bytes per stream per call
+MAX_BODY_BYTES = 1000 * 1000  # stays under the server's 1 MiB request limit
+# A command that ends within this window is reported with a single result call instead of an
+# acknowledging progress call followed by the result: the lease is far longer than this.
+ACK_DELAY = 0.05
+ORPHAN_PIPE_GRACE = 2.0  # background children holding the pipes after the command exited
+SHUTDOWN_FLUSH = 5.0
+OFFSET_SAVE_INTERVAL = 2.0
+JOURNAL_KEEP_SECONDS = 7 * 86400
+PRUNE_INTERVAL = 6 * 3600
+
+# Used until the server sends its own; the first poll of a restarted agent uses wait=0.
+DEFAULT_REMOTE_CONFIG = {
+    "heartbeat_interval": 30,
+    "poll_interval": 5,
+    "long_poll_timeout": 25,
+    "max_output_bytes": 10 * 1024 * 1024,
+    "lease_seconds": 60,
+}
+
+SAFE_ID = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+_log_lock = threading.Lock()
+
+
+def log(level, message, **fields):
+    """One line per event on stderr (`time level message key=value`): grep and journald read it."""
+    parts = [time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), level, message]
+    for key, value in fields.items():
+        text = str(value)
+        if text == "" or any(c in text for c in ' ="\n\t'):
+            text = json.dumps(text)
+        parts.append("%s=%s" % (key, text))
+    line = " ".join(parts) + "\n"
+    with _log_lock:
+        try:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def parse_args(argv=None):
+    env = os.environ.get
+    parser = argparse.ArgumentParser(prog="tether-agent", description="Tether agent")
+    parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument("--server", default=env("TETHER_SERVER"), help="server URL")
+    parser.add_argument(
+        "--server-token", default=env("TETHER_SERVER_TOKEN"), help="registration token"
+    )
+    parser.add_argument("--state-dir", default=env("TETHER_STATE_DIR") or DEFAULT_STATE_DIR)
+    parser.add_argument("--max-concurrent", type=int, default=4)
+    parser.add_argument("--kill-grace", type=float, default=5.0, help="seconds from TERM to KILL")
+    parser.add_argument("--rpc-port", type=int, default=0)
+    parser.add_argument("--ca-file", default=env("TETHER_CA_FILE"), help="CA bundle for HTTPS")
+    args = parser.parse_args(argv)
+    if args.max_concurrent < 1:
+        parser.error("--max-concurrent must be at least 1")
+    return args
+
+
+class Backoff:
+    """Exponential backoff with full jitter, so that a fleet coming back does not retry in step."""
+
+    def __init__(self, start=BACKOFF_START, cap=BACKOFF_CAP):
+        self.start = start
+        self.cap = cap
+        self.failures = 0
+
+    def next_delay(self):
+        delay = random.uniform(0, min(self.cap, self.start * (2**self.failures)))
+        self.failures = min(self.failures + 1, 30)
+        return delay
+
+    def reset(self):
+        self.failures = 0
+
+
+# ---------------------------------------------------------------------------------------------
+# State on disk
+#   credentials.json      who this agent is (0600)
+#   commands/<id>.json    the journal: one entry per command ever accepted, so none runs twice
+#   out/<id>.stdout|err   the output spool: what the command wrote, kept until reported
+# ---------------------------------------------------------------------------------------------
+
+
+def write_file_atomic(path, payload, durable=False, mode=0o600):
+    """Readers see the old file or the new one, never half of one. `durable` adds the fsyncs
+    that make the write survive a power cut; an agent crash alone never loses page cache."""
+    tmp = "%s.tmp-%d" % (path, threading.get_ident())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view) :]
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    if durable:
+        dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def read_json(path):
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read().decode("utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def load_credentials(state_dir):
+    creds = read_json(os.path.join(state_dir, "credentials.json"))
+    if creds and creds.get("token") and creds.get("secret_key"):
+        return creds
+    return None
+
+
+def save_credentials(state_dir, creds):
+    payload = json.dumps(creds, indent=2, sort_keys=True).encode("utf-8")
+    write_file_atomic(os.path.join(state_dir, "credentials.json"), payload, durable=True)
+
+
+class Run:
+    """A command this agent accepted: its journal entry plus what lives only in memory.
+
+    `entry["state"]` goes accepted -> started -> done -> reported; `lock` guards every change of
+    the entry so that the poll loop, a worker and the sender never race on a transition."""
+
+    def __init__(self, entry):
+        self.id = entry["id"]
+        self.entry = entry
+        self.lock = threading.Lock()
+        result = entry.get("result") or {}
+        offsets = entry.get("offsets") or {}
+        self.stored = {s: int(result.get(s + "_size") or 0) for s in STREAMS}
+        self.acked = {s: int(offsets.get(s) or 0) for s in STREAMS}
+        self.dropped = 0
+        self.acknowledged = False  # the server has answered a progress or result call
+        self.cancel_requested = False
+        self.started_mono = None
+        self.last_sent_mono = 0.0
+        self.offsets_saved_mono = 0.0
+        self.retry_at = 0.0
+        self.backoff = Backoff()
+        self.chunk_limit = MAX_CHUNK_BYTES
+        self.progress_refused = False
+        self.resend_result = False  # a reported command was delivered again
+        self.conflicts = 0
+
+    @property
+    def state(self):
+        return self.entry["state"]
+
+    def pending(self, stream):
+        return max(0, self.stored[stream] - self.acked[stream])
+
+
+class Journal:
+    """The commands/ and out/ folders, and the index of ids seen, which is what makes a command
+    run at most once: its entry is on disk before its process starts and outlives restarts."""
+
+    def __init__(self, state_dir):
+        self.commands_dir = os.path.join(state_dir, "commands")
+        self.out_dir = os.path.join(state_dir, "out")
+        for path in (self.commands_dir, self.out_dir):
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        self.lock = threading.Lock()
+        self.active = {}  # id -> Run, not yet reported
+        self.reported = set()  # ids reported, kept for dedupe
+
+    def entry_path(self, cid):
+        return os.path.join(self.commands_dir, cid + ".json")
+
+    def spool_path(self, cid, stream):
+        return os.path.join(self.out_dir, "%s.%s" % (cid, stream))
+
+    def save(self, entry, durable=False):
+        entry["updated_at"] = time.time()
+        payload = json.dumps(entry, separators=(",", ":"), sort_keys=True).encode("utf-8")
+        write_file_atomic(self.entry_path(entry["id"]), payload, durable=durable)
+
+    def load(self, cid):
+        return read_json(self.entry_path(cid))
+
+    def ids(self):
+        names = [n for n in os.listdir(self.commands_dir) if n.endswith(".json")]
+        return [n[: -len(".json")] for n in names if SAFE_ID.match(n[: -len(".json")])]
+
+    def remove_stale_tmp(self):
+        """Half-written entries of a crashed agent (called before anything else writes)."""
+        for name in os.listdir(self.commands_dir):
+            if ".tmp-" in name:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.commands_dir, name))
+
+    def get(self, cid):
+        with self.lock:
+            return self.active.get(cid)
+
+    def knows(self, cid):
+        with self.lock:
+            return cid in self.active or cid in self.reported
+
+    def add(self, run):
+        with self.lock:
+            self.active[run.id] = run
+
+    def mark_reported(self, run):
+        with self.lock:
+            self.active.pop(run.id, None)
+            self.reported.add(run.id)
+
+    def delete_spool(self, cid):
+        for stream in STREAMS:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.spool_path(cid, stream))
+
+    def spool_size(self, cid, stream):
+        try:
+            return os.path.getsize(self.spool_path(cid, stream))
+        except OSError:
+            return 0
+
+    def read_spool(self, cid, stream, offset, size):
+        try:
+            with open(self.spool_path(cid, stream), "rb") as f:
+                f.seek(offset)
+                return f.read(size)
+        except OSError:
+            return b""
+
+    def prune(self):
+        """Forget reported commands after a week (by file age), and spool files nobody owns."""
+        cutoff = time.time() - JOURNAL_KEEP_SECONDS
+        with self.lock:
+            reported = list(self.reported)
+            active = set(self.active)
+        for cid in reported:
+            path = self.entry_path(cid)
+            try:
+                if os.path.getmtime(path) < cutoff:
+                    os.unlink(path)
+                    with self.lock:
+                        self.reported.discard(cid)
+            except OSError:
+                pass
+        for name in os.listdir(self.out_dir):
+            if name.rsplit(".", 1)[0] not in active:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.out_dir, name))
+
+
+# ---------------------------------------------------------------------------------------------
+# HTTP client
+# ---------------------------------------------------------------------------------------------
+
+
+class TransientError(Exception):
+    """The server could not be reached or failed (5xx): the same message is worth retrying."""
+
+
+class Shutdown(Exception):
+    """Raised by the signal handler to abort a blocking call in the main thread."""
+
+
+class Response:
+    def __init__(self, status, data, headers):
+        self.status = status
+        self.data = data if isinstance(data, dict) else {}
+        self.headers = headers
+
+    def error_code(self):
+        error = self.data.get("error")
+        return error.get("code") if isinstance(error, dict) else None
+
+    def error_message(self):
+        error = self.data.get("error")
+        if isinstance(error, dict):
+            return str(error.get("message") or error.get("code") or "")
+        return str(error or "")
+
+
+def json_bytes(body):
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+class Client:
+    """JSON over urllib, signed as the protocol asks. A new connection per request keeps it
+    simple; on the loopback or LAN that costs well under a millisecond."""
+
+    def __init__(self, server_url, ca_file=None):
+        self.server_url = server_url.rstrip("/")
+        self.path_prefix = urlsplit(self.server_url).path
+        handlers = []
+        if ca_file:
+            handlers.append(
+                urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=ca_file))
+            )
+        self.opener = urllib.request.build_opener(*handlers)
+        self.credentials = None
+        self.clock_offset = 0.0
+        self.user_agent = "tether-agent/%s" % __version__
+
+    def sign(self, method, path, body):
+        creds = self.credentials
+        timestamp = str(int(time.time() + self.clock_offset))
+        message = "\n".join([method, path, timestamp, hashlib.sha256(body).hexdigest()])
+        key = creds["secret_key"].encode("ascii")
+        signature = hmac.new(key, message.encode("utf-8"), hashlib.sha256).hexdigest()
+        return {
+            "X-Agent-Token": creds["token"],
+            "X-Tether-Timestamp": timestamp,
+            "X-Tether-Signature": signature,
+        }
+
+    def request(self, method, path, body=None, data=None, timeout=HTTP_TIMEOUT, signed=True):
+        """One attempt. Returns a Response for 2xx-4xx; raises TransientError otherwise.
+        `path` includes the query string; `data` is an already encoded JSON body."""
+        if data is None and body is not None:
+            data = json_bytes(body)
+        headers = {"Accept": "application/json", "User-Agent": self.user_agent}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        if signed and self.credentials:
+            headers.update(self.sign(method, self.path_prefix + path, data or b""))
+        req = urllib.request.Request(
+            self.server_url + path, data=data, headers=headers, method=method
+        )
+        try:
+            with self.opener.open(req, timeout=timeout) as resp:
+                status, raw, resp_headers = resp.status, resp.read(), resp.headers
+        except urllib.error.HTTPError as exc:
+            status, resp_headers = exc.code, exc.headers
+            try:
+                raw = exc.read()
+            except (OSError, http.client.HTTPException):
+                raw = b""
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            raise TransientError(str(getattr(exc, "reason", exc)) or type(exc).__name__) from None
+        if status >= 500:
+            raise TransientError("server answered %d" % status)
+        try:
+            payload = json.loads(raw.decode("utf-8")) if raw else {}
+        except ValueError:
+            payload = {}
+        return Response(status, payload, resp_headers)
+
+    def adjust_clock(self, response):
+        """A 401 may only mean our clock is off: sign with the server's time from then on."""
+        try:
+            server_time = parsedate_to_datetime(response.headers.get("Date")).timestamp()
+        except (TypeError, ValueError, AttributeError):
+            return False
+        offset = server_time - time.time()
+        if abs(offset - self.clock_offset) < 30:
+            return False
+        log("warn", "clock differs from the server's; signing with its time", offset_s=int(offset))
+        self.clock_offset = offset
+        return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Registration
+# ---------------------------------------------------------------------------------------------
+
+
+def register(agent):
+    """Trade the server token for this agent's own credentials; blocks until it succeeds or the
+    agent is stopped. Registering again rotates the credentials, so it happens only when the
+    state dir has none or the server refuses them and a server token was given."""
+    body = {
+        "server_token": agent.args.server_token,
+        "hostname": socket.gethostname(),
+        "version": __version__,
+        "os": platform.system().lower(),
+        "arch": platform.machine(),
+        "rpc_port": agent.args.rpc_port,
+        "signing": "hmac-sha256",
+    }
+    backoff = Backoff(cap=REGISTER_BACKOFF_CAP)
+    while not agent.stopping.is_set():
+        try:
+            resp = agent.blocking_call(
+                agent.client.request, "POST", "/api/agents/register/", body, signed=False
+            )
+        except TransientError as exc:
+            log("warn", "registration failed, retrying", error=exc)
+            agent.stopping.wait(backoff.next_delay())
+            continue
+        if resp.status in (200, 201) and resp.data.get("token") and resp.data.get("secret_key"):
+            creds = {
+                "server": agent.client.server_url,
+                "agent_id": resp.data.get("agent_id"),
+                "server_id": resp.data.get("server_id"),
+                "token": str(resp.data["token"]),
+                "secret_key": str(resp.data["secret_key"]),
+            }
+            save_credentials(agent.args.state_dir, creds)
+            agent.client.credentials = creds
+            agent.adopt_config(resp.data.get("config"))
+            log("info", "registered", agent_id=creds["agent_id"], server=creds["server"])
+            return True
+        log("error", "registration refused", status=resp.status, error=resp.error_message())
+        agent.stopping.wait(backoff.next_delay())
+    return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Poll loop (main thread)
+# ---------------------------------------------------------------------------------------------
+
+
+def poll_forever(agent):
+    """Long-poll for work until stopped; every poll is also the agent's heartbeat."""
+    backoff = Backoff()
+    next_prune = time.monotonic() + PRUNE_INTERVAL
+    while not agent.stopping.is_set():
+        wait = float(agent.config["long_poll_timeout"]) if agent.config_known else 0.0
+        query = "wait=%s&version=%s" % (_seconds(wait), quote(__version__))
+        path = "/api/agents/poll_commands/?" + query
+        started = time.monotonic()
+        try:
+            resp = agent.blocking_call(agent.client.request, "GET", path, timeout=wait + 10)
+        except TransientError as exc:
+            log("warn", "poll failed", error=exc)
+            agent.stopping.wait(backoff.next_delay())
+            continue
+        if resp.status == 401:
+            handle_refused(agent, resp, backoff)
+            continue
+        if resp.status != 200:
+            log("warn", "poll refused", status=resp.status, error=resp.error_message())
+            agent.stopping.wait(backoff.next_delay())
+            continue
+        backoff.reset()
+        had_config = agent.config_known
+        agent.adopt_config(resp.data.get("config"))
+        commands = resp.data.get("commands") or []
+        cancels = resp.data.get("cancel") or []
+        for spec in commands:
+            if isinstance(spec, dict):
+                accept_command(agent, spec)
+        for cid in cancels:
+            agent.runner.cancel(str(cid))
+        if time.monotonic() > next_prune:
+            agent.journal.prune()
+            next_prune = time.monotonic() + PRUNE_INTERVAL
+        if not commands and not cancels and had_config:
+            if wait <= 0:
+                agent.stopping.wait(float(agent.config.get("poll_interval") or 1))
+            elif time.monotonic() - started < 0.05:
+                agent.stopping.wait(0.1)  # the server did not hold the poll: don't spin
+
+
+def _seconds(value):
+    return ("%.3f" % value).rstrip("0").rstrip(".")
+
+
+def handle_refused(agent, resp, backoff):
+    """401: the token is revoked, rotated, or our clock is off. Only an operator-supplied server
+    token may mint a new identity; otherwise keep trying in case the server recovers."""
+    log("warn", "server refused the agent's credentials", error=resp.error_message())
+    if agent.client.adjust_clock(resp):
+        return
+    agent.stopping.wait(backoff.next_delay())
+    if agent.args.server_token and not agent.stopping.is_set():
+        log("info", "registering again with the server token")
+        register(agent)
+
+
+def accept_command(agent, spec):
+    cid = str(spec.get("id", ""))
+    if not SAFE_ID.match(cid):
+        log("warn", "ignoring a command with an unusable id", id=cid)
+        return
+    if agent.stopping.is_set():
+        return  # not journaled: the server hands it out again after the lease
+    if agent.journal.knows(cid):
+        agent.sender.redelivered(cid)
+        return
+    entry = {
+        "id": cid,
+        "spec": spec,
+        "state": "accepted",
+        "accepted_at": time.time(),
+        "max_output_bytes": int(agent.config.get("max_output_bytes") or 0),
+    }
+    run = Run(entry)
+    try:
+        agent.journal.save(entry)
+    except OSError as exc:  # not journaled, not run: the server hands it out again later
+        log("error", "cannot journal the command", id=cid, error=exc)
+        return
+    agent.journal.add(run)
+    log("info", "command accepted", id=cid, kind=spec.get("kind", "shell"))
+    problem = check_spec(spec)
+    if problem:
+        agent.runner.finish_unstarted(run, "failed", problem)
+    else:
+        agent.runner.submit(run)
+
+
+def check_spec(spec):
+    """Returns why the command cannot run, or None. Upgrades and other internal commands come
+    later; until then they are refused rather than guessed at."""
+    kind = spec.get("kind") or "shell"
+    if kind == "internal":
+        return "unsupported internal command"
+    if kind != "shell":
+        return "unsupported command kind %r" % kind
+    if not isinstance(spec.get("command"), str) or not spec["command"]:
+        return "command is missing"
+    if spec.get("args") is not None and not isinstance(spec["args"], list):
+        return "args must be a list"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a command
+# ---------------------------------------------------------------------------------------------
+
+
+def read_boot_id():
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def proc_stat(pid):
+    """Fields 3.. of /proc/<pid>/stat (state, ppid, pgrp, ...), or None if there is no such pid."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            data = f.read()
+    except (OSError, ValueError):
+        return None
+    return data[data.rindex(b")") + 2 :].split()
+
+
+def process_start_time(pid):
+    """Field 22 (start time in clock ticks since boot): tells our process from a reused pid."""
+    fields = proc_stat(pid)
+    return int(fields[19]) if fields and len(fields) > 19 else None
+
+
+def group_alive(pgid):
+    """True while a process that is not a zombie remains in the group."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    if not os.path.isdir("/proc"):
+        return True
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            fields = proc_stat(int(name))
+            if fields and len(fields) > 2 and fields[2] == str(pgid).encode() and fields[0] != b"Z":
+                return True
+    return False
+
+
+def signal_group(pgid, signum):
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+
+
+def terminate_group(pgid, grace):
+    """TERM, then KILL once `grace` has passed; waits briefly for the group to be gone."""
+    signal_group(pgid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if group_alive(pgid):
+        signal_group(pgid, signal.SIGKILL)
+        deadline = time.monotonic() + 1.0
+        while group_alive(pgid) and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+def exit_code_of(returncode):
+    if returncode is None:
+        return None
+    return returncode if returncode >= 0 else 128 - returncode
+
+
+class Runner:
+    """Worker threads that run accepted commands, up to --max-concurrent at once; the rest wait
+    in a local queue so that a long job never holds up the next one."""
+
+    def __init__(self, agent):
+        self.agent = agent
+        self.queue = queue.Queue()
+        self.threads = [
+            threading.Thread(target=self.work, name="worker-%d" % i, daemon=True)
+            for i in range(agent.args.max_concurrent)
+        ]
+        self.shell = ["bash", "-c"]
+
+    def start(self):
+        for thread in self.threads:
+            thread.start()
+
+    def submit(self, run):
+        self.queue.put(run)
+
+    def stop(self, timeout):
+        for _ in self.threads:
+            self.queue.put(None)
+        deadline = time.monotonic() + timeout
+        for thread in self.threads:
+            if thread.ident is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))
+
+    def work(self):
+        while True:
+            run = self.queue.get()
+            if run is None:
+                return
+            if self.agent.stopping.is_set():
+                continue  # stays `accepted` on disk and runs after the restart
+            try:
+                self.execute(run)
+            except Exception as exc:  # a bug must not take the worker or the command down silently
+                log(
+                    "error",
+                    "worker failed",
+                    id=run.id,
+                    error=repr(exc),
+                    trace=traceback.format_exc(),
+                )
+                try:
+                    if run.state in ("accepted", "started"):
+                        self.finish(run, {"status": "failed", "error": "agent error: %r" % exc})
+                except Exception as again:
+                    log("error", "could not record the failure", id=run.id, error=repr(again))
+
+    def cancel(self, cid):
+        run = self.agent.journal.get(cid)
+        if run is None:
+            return
+        log("info", "cancel requested", id=cid)
+        # The worker picks a run up or a cancel arrives: whichever takes the lock first wins.
+        run.cancel_requested = True  # a running command is killed within one select tick
+        if run.state == "accepted":
+            self.finish_unstarted(run, "cancelled", "cancelled before it started")
+
+    def finish_unstarted(self, run, status, error):
+        now = time.time()
+        result = {"status": status, "error": error, "started_at": now, "finished_at": now}
+        self.finish(run, result, only_if="accepted")
+
+    def finish(self, run, result, only_if=None):
+        """Record the result in the journal and hand it to the sender."""
+        result.setdefault("success", result.get("status") == "succeeded")
+        for stream in STREAMS:
+            result[stream + "_size"] = run.stored[stream]
+        with run.lock:
+            if only_if and run.state != only_if:
+                return
+            run.entry["result"] = result
+            run.entry["state"] = "done"
+            self.agent.journal.save(run.entry)
+        extra = {"error": result["error"]} if result.get("error") else {}
+        log(
+            "info",
+            "command finished",
+            id=run.id,
+            status=result["status"],
+            exit_code=result.get("exit_code"),
+            **extra,
+        )
+        self.agent.sender.add(run)
+
+    def argv_for(self, spec):
+        if spec.get("args"):
+            return [spec["command"]] + [str(a) for a in spec["args"]]
+        return self.shell + [spec["command"]]
+
+    def execute(self, run):
+        spec = run.entry["spec"]
+        argv = self.argv_for(spec)
+        journal = self.agent.journal
+        with run.lock:
+            if run.state != "accepted":
+                return
+            run.entry["state"] = "started"
+            run.entry["started_at"] = time.time()
+            run.entry["boot_id"] = self.agent.boot_id
+            # Durable before the process exists: after any crash this id is never run again.
+            journal.save(run.entry, durable=True)
+        run.started_mono = time.monotonic()
+        spool = {
+            s: os.open(journal.spool_path(run.id, s), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            for s in STREAMS
+        }
+        try:
+            try:
+                with stop_signals_unblocked():
+                    proc = subprocess.Popen(
+                        argv,
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        start_new_session=True,
+                        close_fds=True,
+                    )
+            except OSError as exc:
+                code = 127 if isinstance(exc, FileNotFoundError) else 126
+                result = {"status": "failed", "exit_code": code, "error": str(exc)}
+                result.update(started_at=run.entry["started_at"], finished_at=time.time())
+                self.finish(run, result)
+                return
+            with run.lock:
+                run.entry["pid"] = proc.pid
+                run.entry["proc_start_time"] = process_start_time(proc.pid)
+                journal.save(run.entry)
+            log("info", "command started", id=run.id, pid=proc.pid)
+            self.agent.sender.add(run)
+            reason = self.pump(run, proc, spool)
+        finally:
+            for fd in spool.values():
+                os.close(fd)
+        self.finish(run, self.result_of(run, proc.returncode, reason))
+
+    def result_of(self, run, returncode, reason):
+        result = {
+            "exit_code": exit_code_of(returncode),
+            "started_at": run.entry["started_at"],
+            "finished_at": time.time(),
+        }
+        timeout = run.entry["spec"].get("timeout")
+        if reason == "timeout":
+            result.update(status="timed_out", error="timed out after %s s" % timeout)
+        elif reason == "cancel":
+            result.update(status="cancelled", error="cancelled")
+        elif reason == "stop":
+            result.update(status="failed", error="agent stopped while the command ran")
+        elif returncode == 0:
+            result.update(status="succeeded")
+        else:
+            result.update(status="failed")
+            if returncode is not None and returncode < 0:
+                result["error"] = "killed by signal %d" % -returncode
+        if run.dropped:
+            log("warn", "output truncated", id=run.id, dropped_bytes=run.dropped)
+        if result["exit_code"] is None:
+            del result["exit_code"]
+        return result
+
+    def kill_reason(self, run, now, deadline):
+        if run.cancel_requested:
+            return "cancel"
+        if self.agent.stopping.is_set():
+            return "stop"
+        if deadline is not None and now >= deadline:
+            return "timeout"
+        return None
+
+    def pump(self, run, proc, spool):
+        """Copy the pipes into the spool until EOF and exit, killing the group on timeout,
+        cancel or stop. Returns why it killed, or None."""
+        spec = run.entry["spec"]
+        timeout = spec.get("timeout")
+        deadline = run.started_mono + float(timeout) if timeout and float(timeout) > 0 else None
+        grace = self.agent.args.kill_grace
+        cap = run.entry.get("max_output_bytes") or DEFAULT_REMOTE_CONFIG["max_output_bytes"]
+        reason = term_at = kill_at = exited_at = None
+        selector = selectors.DefaultSelector()
+        selector.register(proc.stdout, selectors.EVENT_READ, "stdout")
+        selector.register(proc.stderr, selectors.EVENT_READ, "stderr")
+        try:
+            while True:
+                now = time.monotonic()
+                if exited_at is None and proc.poll() is not None:
+                    exited_at = now
+                if not selector.get_map() and exited_at is not None:
+                    break
+                if term_at is None:
+                    if exited_at is None:
+                        reason = self.kill_reason(run, now, deadline)
+                        if reason:
+                            log("info", "killing command", id=run.id, reason=reason)
+                            signal_group(proc.pid, signal.SIGTERM)
+                            term_at = now
+                    elif now - exited_at >= ORPHAN_PIPE_GRACE:
+                        log("warn", "background processes hold the output; killing them", id=run.id)
+                        signal_group(proc.pid, signal.SIGTERM)
+                        term_at = now
+                elif kill_at is None and now - term_at >= grace:
+                    signal_group(proc.pid, signal.SIGKILL)
+                    kill_at = now
+                elif kill_at is not None and now - kill_at >= 1.0:
+                    log("warn", "pipes still open after SIGKILL; giving up on them", id=run.id)
+                    break
+                tick = 0.2
+                if deadline is not None and term_at is None:
+                    tick = min(tick, max(0.005, deadline - now))
+                if not selector.get_map():
+                    # Pipes closed, process still running: wait for it directly.
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(timeout=tick)
+                    continue
+                for key, _ in selector.select(tick):
+                    data = os.read(key.fileobj.fileno(), READ_SIZE)
+                    if not data:
+                        selector.unregister(key.fileobj)
+                        continue
+                    self.store(run, key.data, data, spool[key.data], cap)
+        finally:
+            selector.close()
+            proc.stdout.close()
+            proc.stderr.close()
+        try:
+            proc.wait(timeout=grace + 1 if term_at is not None else None)
+        except subprocess.TimeoutExpired:
+            signal_group(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if term_at is not None:
+            # Stragglers of the group (background children) must not outlive a kill.
+            terminate_group(proc.pid, max(0.0, grace - (time.monotonic() - term_at)))
+        return reason
+
+    def store(self, run, stream, data, fd, cap):
+        """Append to the spool up to the per-command cap (both streams together); past it the
+        bytes are only counted, and the sizes reported tell the server it was truncated."""
+        room = cap - run.stored["stdout"] - run.stored["stderr"]
+        keep = data if len(data) <= room else data[: max(0, room)]
+        if keep:
+            view = memoryview(keep)
+            while view:
+                view = view[os.write(fd, view) :]
+            run.stored[stream] += len(keep)
+        run.dropped += len(data) - len(keep)
+        if run.pending(stream) >= STREAM_EAGER_BYTES:
+            self.agent.sender.wake()
+
+    def recover(self):
+        """Pick up what the previous agent process left in the journal."""
+        journal = self.agent.journal
+        journal.remove_stale_tmp()
+        to_run = []
+        for cid in journal.ids():
+            entry = journal.load(cid)
+            if entry is None:
+                log("warn", "unreadable journal entry; reporting the command lost", id=cid)
+                entry = {"id": cid, "state": "started", "spec": {}}
+            entry["id"] = cid
+            state = entry.get("state")
+            if state == "reported":
+                journal.reported.add(cid)
+                continue
+            run = Run(entry)
+            journal.add(run)
+            if state == "accepted":
+                to_run.append(run)
+            elif state == "started":
+                self.recover_interrupted(run)
+            else:  # done, not yet reported
+                for stream in STREAMS:
+                    run.stored[stream] = min(run.stored[stream], journal.spool_size(cid, stream))
+                self.agent.sender.add(run)
+        journal.prune()
+        to_run.sort(key=lambda r: r.entry.get("accepted_at") or 0)
+        for run in to_run:
+            log("info", "running a command accepted before the restart", id=run.id)
+            self.submit(run)
+
+    def recover_interrupted(self, run):
+        """A command that was running when the agent died is never run again: kill what is left
+        of it and report it lost, with whatever output the spool kept."""
+        entry = run.entry
+        pid = entry.get("pid")
+        same_boot = entry.get("boot_id") is None or entry.get("boot_id") == self.agent.boot_id
+        if pid and same_boot:
+            leader_start = process_start_time(pid)
+            ours = leader_start is None or leader_start == entry.get("proc_start_time")
+            if ours and group_alive(pid):
+                log("warn", "killing processes left by an interrupted command", id=run.id, pgid=pid)
+                terminate_group(pid, self.agent.args.kill_grace)
+        cap = entry.get("max_output_bytes") or DEFAULT_REMOTE_CONFIG["max_output_bytes"]
+        for stream in STREAMS:
+            run.stored[stream] = self.agent.journal.spool_size(run.id, stream)
+        over = run.stored["stdout"] + run.stored["stderr"] - cap
+        if over > 0:
+            run.stored["stderr"] -= min(over, run.stored["stderr"])
+            run.stored["stdout"] = min(run.stored["stdout"], cap)
+        now = time.time()
+        self.finish(
+            run,
+            {
+                "status": "lost",
+                "error": "agent restarted while the command ran",
+                "started_at": entry.get("started_at") or now,
+                "finished_at": now,
+            },
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Output spooling and sending
+# ---------------------------------------------------------------------------------------------
+
+
+def encode_chunks(chunks, final):
+    """Text when both chunks are UTF-8, base64 otherwise (the encoding covers the whole call).
+    While more output may follow, a character cut at the chunk's end waits for the next call."""
+    texts = {}
+    for stream in STREAMS:
+        data = chunks[stream]
+        try:
+            texts[stream] = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            if not final and exc.reason == "unexpected end of data" and len(data) - exc.start < 4:
+                try:
+                    texts[stream] = data[: exc.start].decode("utf-8")
+                    chunks[stream] = data[: exc.start]
+                    continue
+                except UnicodeDecodeError:
+                    pass
+            texts = None
+            break
+    if texts is not None:
+        return {"stdout": texts["stdout"], "stderr": texts["stderr"], "encoding": "utf-8"}
+    return {
+        "stdout": base64.b64encode(chunks["stdout"]).decode("ascii"),
+        "stderr": base64.b64encode(chunks["stderr"]).decode("ascii"),
+        "encoding": "base64",
+    }
+
+
+class Sender:
+    """One thread that moves spooled output and results to the server. It is woken at once when
+    there is something to send, and otherwise ticks every STREAM_INTERVAL while commands run.
+    Each run has its own backoff, so one refused or failing command does not stall the rest."""
+
+    def __init__(self, agent):
+        self.agent = agent
+        self.client = agent.client
+        self.journal = agent.journal
+        self.event = threading.Event()
+        self.lock = threading.Lock()
+        self.outbox = {}  # id -> Run with something still to send
+        self.thread = threading.Thread(target=self.loop, name="sender", daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def wake(self):
+        self.event.set()
+
+    def add(self, run):
+        with self.lock:
+            self.outbox[run.id] = run
+        self.event.set()
+
+    def redelivered(self, cid):
+        """The server handed out an id we already have: the ack or result is on its way, or it
+        was lost, in which case the result is sent again."""
+        run = self.journal.get(cid)
+        if run is not None:
+            if run.state == "done":
+                run.retry_at = 0.0
+                self.event.set()
+            return
+        entry = self.journal.load(cid)
+        if entry and entry.get("state") == "reported" and entry.get("result"):
+            log("info", "command delivered again after its result; resending the result", id=cid)
+            run = Run(entry)
+            run.resend_result = True
+            self.add(run)
+
+    def unsent_results(self):
+        with self.lock:
+            return sum(1 for r in self.outbox.values() if r.state == "done" or r.resend_result)
+
+    def loop(self):
+        while True:
+            self.event.wait(self.next_timeout())
+            self.event.clear()
+            with self.lock:
+                runs = list(self.outbox.values())
+            for run in runs:
+                try:
+                    self.service(run)
+                except Exception as exc:  # keep sending for the other commands; say why
+                    trace = traceback.format_exc()
+                    log("error", "sender failed", id=run.id, error=repr(exc), trace=trace)
+                    run.retry_at = time.monotonic() + run.backoff.next_delay()
+
+    def next_timeout(self):
+        now = time.monotonic()
+        due = None
+        with self.lock:
+            runs = list(self.outbox.values())
+        for run in runs:
+            if run.retry_at > now:
+                when = run.retry_at
+            elif run.state == "done" or run.resend_result:
+                when = now
+            elif run.state == "started" and not run.acknowledged and not run.progress_refused:
+                when = run.started_mono + ACK_DELAY
+            else:
+                when = now + STREAM_INTERVAL
+            due = when if due is None else min(due, when)
+        return None if due is None else max(0.0, due - now)
+
+    def service(self, run):
+        now = time.monotonic()
+        if run.retry_at > now:
+            return
+        if run.resend_result:
+            self.send_result(run, resend=True)
+        elif run.state == "done":
+            self.send_result(run)
+        elif run.state == "started" and not run.progress_refused:
+            pending = max(run.pending("stdout"), run.pending("stderr"))
+            if not run.acknowledged:
+                if now - run.started_mono >= ACK_DELAY:
+                    self.send_progress(run)
+            elif pending >= STREAM_EAGER_BYTES or (
+                pending and now - run.last_sent_mono >= STREAM_INTERVAL
+            ):
+                self.send_progress(run)
+
+    def take_chunks(self, run):
+        """The next unacknowledged bytes of each stream, read back from the spool."""
+        chunks = {}
+        for stream in STREAMS:
+            start = run.acked[stream]
+            size = min(run.pending(stream), run.chunk_limit)
+            data = self.journal.read_spool(run.id, stream, start, size) if size else b""
+            if len(data) < size:  # the spool lost bytes (power cut): report what exists
+                log("warn", "spool shorter than expected", id=run.id, stream=stream)
+                run.stored[stream] = start + len(data)
+                if run.entry.get("result"):
+                    run.entry["result"][stream + "_size"] = run.stored[stream]
+            chunks[stream] = data
+        return chunks
+
+    def build_output(self, run, final):
+        """Output fields for one call, shrunk until the body fits the server's request limit."""
+        while True:
+            chunks = self.take_chunks(run)
+            fields = encode_chunks(chunks, final)
+            fields["offset_stdout"] = run.acked["stdout"]
+            fields["offset_stderr"] = run.acked["stderr"]
+            size = len(json_bytes(fields))
+            if size <= MAX_BODY_BYTES - 4096 or run.chunk_limit <= 4096:
+                return fields, {s: len(chunks[s]) for s in STREAMS}
+            run.chunk_limit //= 2
+
+    def post(self, run, kind, body):
+        """One attempt; None means "try again later" (the run's backoff is armed)."""
+        path = "/api/agents/command/%s/%s/" % (run.id, kind)
+        try:
+            resp = self.client.request("POST", path, data=json_bytes(body))
+        except TransientError as exc:
+            self.retry_later(run, "%s failed" % kind, exc)
+            return None
+        if resp.status == 401:
+            self.retry_later(run, "%s refused: credentials" % kind, resp.error_message())
+            return None
+        if resp.status == 413 and run.chunk_limit > 4096:
+            run.chunk_limit //= 2
+            return None
+        if resp.status < 400 or resp.status == 409:
+            run.backoff.reset()
+        return resp
+
+    def retry_later(self, run, message, error):
+        run.retry_at = time.monotonic() + run.backoff.next_delay()
+        if run.backoff.failures in (1, 10) or run.backoff.failures % 50 == 0:
+            log("warn", message, id=run.id, error=error, attempts=run.backoff.failures)
+
+    def resync(self, run, resp):
+        """409 offset_gap: the server stores fewer bytes than we thought; send from its end."""
+        error = resp.data.get("error")
+        expected = error.get("expected") if isinstance(error, dict) else None
+        if resp.error_code() != "offset_gap" or not isinstance(expected, dict):
+            return False
+        run.conflicts += 1
+        for stream in STREAMS:
+            if isinstance(expected.get(stream), int):
+                run.acked[stream] = expected[stream]
+        if run.conflicts > 5:  # the server keeps asking for something odd: slow down
+            run.retry_at = time.monotonic() + run.backoff.next_delay()
+        else:
+            self.event.set()
+        return True
+
+    def send_progress(self, run):
+        fields, sent = self.build_output(run, final=False)
+        body = dict(fields, append=True)
+        if not run.acknowledged:
+            body["started_at"] = run.entry.get("started_at")
+        resp = self.post(run, "progress", body)
+        if resp is None:
+            return
+        if resp.status == 200:
+            run.acknowledged = True
+            run.conflicts = 0
+            run.last_sent_mono = time.monotonic()
+            for stream in STREAMS:
+                run.acked[stream] += sent[stream]
+            if max(run.pending("stdout"), run.pending("stderr")) >= STREAM_EAGER_BYTES:
+                self.event.set()  # more is waiting: come back without waiting for the tick
+            if resp.data.get("cancel"):
+                self.agent.runner.cancel(run.id)
+            if run.last_sent_mono - run.offsets_saved_mono >= OFFSET_SAVE_INTERVAL:
+                run.offsets_saved_mono = run.last_sent_mono
+                with run.lock:
+                    run.entry["offsets"] = dict(run.acked)
+                    self.journal.save(run.entry)
+        elif not (resp.status == 409 and self.resync(run, resp)):
+            log(
+                "error",
+                "server refused progress; sending only the result",
+                id=run.id,
+                status=resp.status,
+                error=resp.error_message(),
+            )
+            run.progress_refused = True
+
+    def send_result(self, run, resend=False):
+        result = run.entry["result"]
+        body = dict(result, append=True)
+        if resend or run.progress_refused:
+            # The spool is gone, or the server takes no output for this command: sizes would
+            # only make it ask for bytes it will not get.
+            body.pop("stdout_size", None)
+            body.pop("stderr_size", None)
+        else:
+            if max(run.pending("stdout"), run.pending("stderr")) > run.chunk_limit:
+                self.send_progress(run)  # too much for one call: output first, then the result
+                return
+            if run.pending("stdout") or run.pending("stderr"):
+                fields, _ = self.build_output(run, final=True)
+                body.update(fields)
+            body["stdout_size"] = run.stored["stdout"]
+            body["stderr_size"] = run.stored["stderr"]
+        resp = self.post(run, "result", body)
+        if resp is None:
+            return
+        if resp.status == 409 and not resend and run.conflicts < 20 and self.resync(run, resp):
+            return
+        if resp.status != 200:
+            log(
+                "error",
+                "server refused the result; giving up on it",
+                id=run.id,
+                status=resp.status,
+                error=resp.error_message(),
+            )
+        self.mark_reported(run)
+
+    def mark_reported(self, run):
+        with run.lock:
+            run.entry["state"] = "reported"
+            run.entry["reported_at"] = time.time()
+            run.entry["offsets"] = dict(run.acked)
+            self.journal.save(run.entry)
+        run.resend_result = False
+        self.journal.delete_spool(run.id)
+        self.journal.mark_reported(run)
+        with self.lock:
+            self.outbox.pop(run.id, None)
+        log("info", "result reported", id=run.id, status=run.entry["result"].get("status"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+class stop_signals_unblocked:
+    """Helper threads block SIGTERM/SIGINT so that the kernel delivers them to the main thread,
+    where they interrupt the long poll. A child inherits its spawning thread's signal mask, so a
+    worker unblocks them just while it starts a command, or the command could not be stopped."""
+
+    def __enter__(self):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+    def __exit__(self, *exc):
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+
+class Agent:
+    """What the sections share: arguments, server config, client, journal, runner, sender."""
+
+    def __init__(self, args, client):
+        self.args = args
+        self.client = client
+        self.journal = Journal(args.state_dir)
+        self.stopping = threading.Event()
+        self.config = dict(DEFAULT_REMOTE_CONFIG)
+        self.config_known = False
+        self.boot_id = read_boot_id()
+        self.in_blocking_call = False
+        self.runner = Runner(self)
+        self.sender = Sender(self)
+
+    def adopt_config(self, config):
+        if isinstance(config, dict):
+            merged = dict(DEFAULT_REMOTE_CONFIG)
+            merged.update(config)
+            self.config = merged
+            self.config_known = True
+
+    def blocking_call(self, func, *args, **kwargs):
+        """Run a network call that a stop signal may abort (the main thread only)."""
+        self.in_blocking_call = True
+        try:
+            return func(*args, **kwargs)
+        finally:
+            self.in_blocking_call = False
+
+    def on_signal(self, signum, frame):
+        if not self.stopping.is_set():
+            log("info", "stop requested", signal=signal.Signals(signum).name)
+        self.stopping.set()
+        if self.in_blocking_call:
+            self.in_blocking_call = False
+            raise Shutdown()
+
+    def start_threads(self):
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            self.sender.start()
+            self.runner.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+
+    def shutdown(self):
+        """Kill what runs (the workers see `stopping`), report it, and flush for a while."""
+        self.stopping.set()
+        self.runner.stop(self.args.kill_grace + 3.0)
+        deadline = time.monotonic() + SHUTDOWN_FLUSH
+        while self.sender.unsent_results() and time.monotonic() < deadline:
+            self.sender.wake()
+            time.sleep(0.05)
+        left = self.sender.unsent_results()
+        if left:
+            log("warn", "stopping with unsent results; they are sent after the restart", count=left)
+        log("info", "agent stopped")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.makedirs(args.state_dir, mode=0o700, exist_ok=True)
+    creds = load_credentials(args.state_dir)
+    server = args.server or (creds or {}).get("server")
+    if not server:
+        log("error", "no server URL: pass --server or set TETHER_SERVER")
+        return 2
+    if not creds and not args.server_token:
+        log(
+            "error",
+            "no credentials in the state dir and no --server-token to register with",
+            state_dir=args.state_dir,
+        )
+        return 2
+    client = Client(server, args.ca_file)
+    agent = Agent(args, client)
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, agent.on_signal)
+    log("info", "agent starting", version=__version__, server=server, state_dir=args.state_dir)
+    try:
+        if creds:
+            client.credentials = creds
+            if creds.get("server") != client.server_url:
+                creds["server"] = client.server_url
+                save_credentials(args.state_dir, creds)
+            log("info", "using stored credentials", agent_id=creds.get("agent_id"))
+        elif not register(agent):
+            return 0
+        agent.start_threads()
+        agent.runner.recover()
+        poll_forever(agent)
+    except Shutdown:
+        pass
+    agent.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Shared plumbing for agent-facing views: the base class, body limits and error answers.
+
+Agent views live in `fleet/agent_api.py` and `commands/agent_api.py`, apart from the human
+API; both sides share services, never views.
+"""
+
+from typing import Any
+
+from django.conf import settings
+from django.http import HttpRequest, JsonResponse
+from rest_framework import exceptions, serializers
+from rest_framework.views import APIView
+
+from tether.errors import PayloadTooLarge, error_body
+from tether.fleet.authentication import AgentTokenAuthentication, IsAgent
+
+
+def check_body_size(request: HttpRequest, limit: int) -> None:
+    """Refuse a body over `limit` before reading it."""
+    try:
+        length = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError as exc:
+        raise exceptions.ParseError("invalid Content-Length") from exc
+    if length > limit:
+        raise PayloadTooLarge(limit)
+
+
+def error_response(exc: exceptions.APIException) -> JsonResponse:
+    """The JSON error answer for an async view, which has no DRF exception handler."""
+    codes = exc.get_codes()
+    code = getattr(exc, "error_code", codes if isinstance(codes, str) else "invalid")
+    extra = getattr(exc, "extra", {})
+    if isinstance(exc, exceptions.ValidationError):
+        return JsonResponse(error_body("invalid", str(exc.detail), **extra), status=400)
+    return JsonResponse(error_body(code, str(exc.detail), **extra), status=exc.status_code)
+
+
+class AgentAPIView(APIView):
+    """Base for agent endpoints: agent-token auth, a body limit, no human session."""
+
+    authentication_classes = [AgentTokenAuthentication]
+    permission_classes = [IsAgent]
+    max_body = settings.MAX_REQUEST_BYTES
+
+    def initial(self, request: Any, *args: Any, **kwargs: Any) -> None:
+        check_body_size(request, self.max_body)
+        super().initial(request, *args, **kwargs)
+
+    def get_agent(self) -> Any:
+        return self.request.auth
+
+
+class RawText(serializers.Field):
+    """Command output as sent: any string, NUL characters and whitespace kept as they are."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            raise serializers.ValidationError("must be a string")
+        return data
+
+    def to_representation(self, value: str) -> str:
+        return value

@@ -1,0 +1,84 @@
+"""The `tether` command: `tether serve` runs the server, anything else is a Django
+management command (`tether migrate`, `tether createsuperuser --noinput`, `tether shell`)."""
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+log = logging.getLogger("tether.serve")
+
+
+def _setup_django() -> None:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tether.settings")
+    import django
+
+    django.setup()
+
+
+def serve(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="tether serve", description="Run the Tether server.")
+    parser.add_argument("--bind", default=os.environ.get("TETHER_BIND", "127.0.0.1:8000"))
+    parser.add_argument("--no-migrate", action="store_true", help="skip migrating SQLite")
+    parser.add_argument("--no-sweeper", action="store_true", help="run no background sweeper")
+    args = parser.parse_args(argv)
+    host, _, port = args.bind.rpartition(":")
+    if not host or not port.isdigit():
+        parser.error("--bind takes HOST:PORT")
+
+    _setup_django()
+    from django.conf import settings
+    from django.core.management import call_command
+
+    if settings.IS_SQLITE and not args.no_migrate:
+        call_command("migrate", interactive=False, verbosity=0)
+
+    import uvicorn
+
+    from tether.asgi import application
+    from tether.sweeper import run_sweeper
+
+    config = uvicorn.Config(
+        application,
+        host=host.strip("[]"),
+        port=int(port),
+        lifespan="off",
+        log_level=os.environ.get("TETHER_LOG_LEVEL", "info").lower(),
+        access_log=False,
+        # Long-polls and SSE streams would otherwise hold a restart for their whole wait.
+        timeout_graceful_shutdown=3,
+    )
+    server = uvicorn.Server(config)
+
+    async def main() -> None:
+        sweeper = None if args.no_sweeper else asyncio.create_task(run_sweeper())
+        try:
+            await server.serve()
+        finally:
+            if sweeper:
+                sweeper.cancel()
+
+    log.info("serving on http://%s", args.bind)
+    try:
+        import uvloop
+
+        uvloop.run(main())
+    except ImportError:
+        asyncio.run(main())
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "serve":
+        return serve(argv[1:])
+    _setup_django()
+    from django.core.management import execute_from_command_line
+
+    execute_from_command_line(["tether", *argv])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

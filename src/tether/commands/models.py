@@ -1,0 +1,106 @@
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+from tether.fleet.models import Agent
+
+
+class Command(models.Model):
+    """One command for one agent. The row is the queue entry: a command exists only here,
+    never only in memory (DESIGN §3)."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        DELIVERED = "delivered"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        TIMED_OUT = "timed_out"
+        CANCELLED = "cancelled"
+        LOST = "lost"
+
+    class Kind(models.TextChoices):
+        SHELL = "shell"
+        INTERNAL = "internal"
+
+    agent = models.ForeignKey(Agent, on_delete=models.CASCADE, related_name="commands")
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.SHELL)
+    command = models.TextField()
+    # None: run `command` with `bash -c`; a list: run [command, *args] without a shell.
+    args = models.JSONField(null=True, blank=True)
+    timeout = models.PositiveIntegerField()
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    exit_code = models.IntegerField(null=True, blank=True)
+    error = models.TextField(blank=True, default="")
+    # Logical end of each stream: every byte before it has been received (stored, or dropped
+    # past the output cap). A chunk may only start at or before this offset.
+    stdout_end = models.BigIntegerField(default=0)
+    stderr_end = models.BigIntegerField(default=0)
+    stored_bytes = models.BigIntegerField(default=0)
+    truncated = models.BooleanField(default=False)
+    cancel_requested = models.BooleanField(default=False)
+    delivery_count = models.PositiveIntegerField(default=0)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["agent", "status"], name="command_agent_status")]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.command[:40]}"
+
+
+class OutputChunk(models.Model):
+    """A stretch of one stream's bytes starting at `offset`; chunks of a stream never overlap,
+    so each byte is stored once."""
+
+    class Stream(models.TextChoices):
+        STDOUT = "stdout"
+        STDERR = "stderr"
+
+    command = models.ForeignKey(Command, on_delete=models.CASCADE, related_name="chunks")
+    stream = models.CharField(max_length=6, choices=Stream.choices)
+    offset = models.BigIntegerField()
+    data = models.BinaryField()
+
+    class Meta:
+        ordering = ["offset"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["command", "stream", "offset"], name="chunk_unique_offset"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.command_id}:{self.stream}@{self.offset}"
+
+
+class CommandTemplate(models.Model):
+    """A reusable command line with typed `{param}` placeholders, shell-quoted on use."""
+
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="command_templates"
+    )
+    name = models.CharField(max_length=200)
+    description = models.TextField(blank=True, default="")
+    command = models.TextField()
+    parameters = models.JSONField(default=list, blank=True)
+    timeout = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["owner", "name"], name="template_name_unique")
+        ]
+
+    def __str__(self) -> str:
+        return self.name

@@ -1,0 +1,220 @@
+"""Command lifecycle: queue, hand out, record progress and results, cancel, mark lost.
+
+Each function is one transaction; agents and humans reach them through their own views.
+"""
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from tether import wakeups
+from tether.accounts.services import audit
+from tether.errors import Conflict
+from tether.fleet.models import Agent
+from tether.fleet.services import offline_cutoff
+
+from . import output, states
+from .models import Command
+
+S = Command.Status
+
+
+def queue_command(
+    *,
+    agent: Agent,
+    command: str,
+    args: list[str] | None = None,
+    timeout: int | None = None,
+    user: AbstractBaseUser | None = None,
+    kind: str = Command.Kind.SHELL,
+) -> Command:
+    """Queue a command; the agent's long-poll wakes as soon as the row is committed."""
+    with transaction.atomic():
+        queued = Command.objects.create(
+            agent=agent,
+            kind=kind,
+            command=command,
+            args=args,
+            timeout=timeout or settings.COMMAND_TIMEOUT_DEFAULT,
+            created_by=user,
+        )
+        audit(user=user, action="command.send", target=queued, agent=agent.pk)
+        wakeups.notify_on_commit(wakeups.agent_key(agent.pk))
+    return queued
+
+
+@dataclass
+class Delivery:
+    commands: list[Command]
+    cancel: list[int]
+
+
+def claim_commands(*, agent: Agent, limit: int = 20) -> Delivery:
+    """Hand out queued commands (and delivered ones whose lease ran out) to the agent, and
+    list the running ones it must cancel."""
+    now = timezone.now()
+    with transaction.atomic():
+        due = Q(status=S.QUEUED) | Q(status=S.DELIVERED, lease_expires_at__lt=now)
+        ids = list(
+            Command.objects.filter(due, agent=agent)
+            .order_by("created_at", "id")
+            .values_list("id", flat=True)[:limit]
+        )
+        commands: list[Command] = []
+        if ids:
+            Command.objects.filter(id__in=ids).update(
+                status=S.DELIVERED,
+                delivered_at=now,
+                lease_expires_at=now + timedelta(seconds=settings.COMMAND_LEASE),
+                delivery_count=F("delivery_count") + 1,
+            )
+            commands = list(Command.objects.filter(id__in=ids).order_by("created_at", "id"))
+        cancel = list(
+            Command.objects.filter(
+                agent=agent, cancel_requested=True, status__in=states.ACTIVE
+            ).values_list("id", flat=True)
+        )
+    return Delivery(commands=commands, cancel=cancel)
+
+
+def as_delivered(command: Command) -> dict[str, Any]:
+    """A command as the agent receives it."""
+    return {
+        "id": command.pk,
+        "kind": command.kind,
+        "command": command.command,
+        "args": command.args,
+        "timeout": command.timeout,
+        "created_at": command.created_at.isoformat(),
+    }
+
+
+def _agent_time(value: float | None) -> datetime | None:
+    """An agent-reported Unix time, if it is plausible (within a day of ours)."""
+    if value is None:
+        return None
+    try:
+        moment = datetime.fromtimestamp(float(value), tz=UTC)
+    except (TypeError, ValueError, OverflowError, OSError):
+        return None
+    return moment if abs((moment - timezone.now()).total_seconds()) < 86400 else None
+
+
+def _locked_command(*, agent: Agent, command_id: int) -> Command:
+    return Command.objects.select_for_update().get(pk=command_id, agent=agent)
+
+
+def _mark_running(command: Command, started_at: float | None) -> None:
+    if command.status in (S.QUEUED, S.DELIVERED):
+        command.status = S.RUNNING
+        command.started_at = _agent_time(started_at) or timezone.now()
+
+
+def record_progress(
+    *,
+    agent: Agent,
+    command_id: int,
+    chunks: list[output.Chunk],
+    started_at: float | None = None,
+) -> dict[str, Any]:
+    """Store a progress call; the first one acknowledges the command (-> running).
+    Raises Command.DoesNotExist for an id that is not this agent's."""
+    with transaction.atomic():
+        command = _locked_command(agent=agent, command_id=command_id)
+        if not states.is_final(command.status):
+            output.apply_chunks(command, chunks)
+            _mark_running(command, started_at)
+            command.save()
+            wakeups.notify_on_commit(wakeups.command_key(command.pk))
+    return {"offsets": output.ends(command), "cancel": command.cancel_requested}
+
+
+def record_result(
+    *,
+    agent: Agent,
+    command_id: int,
+    status: str,
+    exit_code: int | None,
+    error: str = "",
+    chunks: list[output.Chunk],
+    replace_output: bool = False,
+    sizes: dict[str, int] | None = None,
+    started_at: float | None = None,
+) -> None:
+    """Store the final result. Idempotent: a result for a finished command changes nothing.
+    `replace_output` is the older dialect's whole-output result; `sizes` lets the agent
+    prove every byte arrived (a shortfall answers offset_gap, nothing is stored)."""
+    with transaction.atomic():
+        command = _locked_command(agent=agent, command_id=command_id)
+        if states.is_final(command.status):
+            return
+        if replace_output:
+            output.discard_output(command)
+        output.apply_chunks(command, chunks)
+        for stream, size in (sizes or {}).items():
+            if getattr(command, f"{stream}_end") < size:
+                raise output.gap(command, stream)
+        _mark_running(command, started_at)
+        _finish(command, status, exit_code=exit_code, error=error)
+        command.save()
+        wakeups.notify_on_commit(wakeups.command_key(command.pk))
+
+
+def _finish(
+    command: Command, status: str, *, exit_code: int | None = None, error: str = ""
+) -> None:
+    if not states.can_transition(command.status, status):
+        raise Conflict(f"cannot move a {command.status} command to {status}", code="bad_state")
+    command.status = status
+    command.exit_code = exit_code
+    command.error = error[:4096]
+    command.finished_at = timezone.now()
+    command.lease_expires_at = None
+
+
+def cancel_command(*, command: Command, user: AbstractBaseUser | None) -> Command:
+    """Cancel at once if queued; otherwise ask the agent, whose long-poll wakes for it."""
+    with transaction.atomic():
+        command = Command.objects.select_for_update().get(pk=command.pk)
+        if states.is_final(command.status):
+            raise Conflict(f"command is already {command.status}", code="already_final")
+        if command.status == S.QUEUED:
+            _finish(command, S.CANCELLED, error="cancelled before delivery")
+        else:
+            command.cancel_requested = True
+        command.save()
+        audit(user=user, action="command.cancel", target=command)
+        wakeups.notify_on_commit(
+            wakeups.agent_key(command.agent_id), wakeups.command_key(command.pk)
+        )
+    return command
+
+
+def mark_lost_commands() -> int:
+    """Commands still delivered/running on an agent that has been offline for longer than
+    the grace period will never report: they are lost."""
+    cutoff = offline_cutoff() - timedelta(seconds=settings.LOST_GRACE)
+    silent = Q(agent__last_heartbeat__lt=cutoff) | Q(agent__last_heartbeat__isnull=True)
+    ids = list(
+        Command.objects.filter(silent, status__in=states.ACTIVE)
+        .exclude(agent__status__in=[Agent.Status.ONLINE, Agent.Status.PENDING])
+        .values_list("id", flat=True)
+    )
+    if not ids:
+        return 0
+    with transaction.atomic():
+        count = Command.objects.filter(id__in=ids, status__in=states.ACTIVE).update(
+            status=S.LOST,
+            finished_at=timezone.now(),
+            error="the agent went offline while the command ran",
+            lease_expires_at=None,
+        )
+    for command_id in ids:
+        wakeups.notify(wakeups.command_key(command_id))
+    return count

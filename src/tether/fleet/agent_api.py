@@ -1,0 +1,182 @@
+"""Agent-facing fleet endpoints: register, poll (the long-poll), heartbeat, files."""
+
+import time
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
+from rest_framework import exceptions, serializers, status
+from rest_framework.permissions import AllowAny
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.throttling import ScopedRateThrottle
+from rest_framework.views import APIView
+
+from tether import wakeups
+from tether.agent_views import AgentAPIView, check_body_size, error_response
+from tether.commands import services as command_services
+from tether.errors import TetherError, json_error
+
+from . import services
+from .authentication import REFUSAL, authenticate_agent
+from .models import Agent
+
+AGENT_FILES = ("main.py", "requirements.txt")
+
+
+class RegisterInput(serializers.Serializer):
+    server_token = serializers.CharField(max_length=200)
+    hostname = serializers.CharField(max_length=255)
+    version = serializers.CharField(max_length=64, required=False, allow_blank=True, default="")
+    os = serializers.CharField(max_length=64, required=False, allow_blank=True, default="")
+    arch = serializers.CharField(max_length=64, required=False, allow_blank=True, default="")
+    rpc_port = serializers.IntegerField(
+        min_value=0, max_value=65535, required=False, allow_null=True
+    )
+    signing = serializers.ChoiceField(choices=["hmac-sha256"], required=False)
+
+
+class RegisterView(APIView):
+    """Exchange a server token for agent credentials (throttled per address)."""
+
+    authentication_classes: list[Any] = []
+    permission_classes = [AllowAny]
+    throttle_classes = [ScopedRateThrottle]
+    throttle_scope = "register"
+
+    def post(self, request: Request) -> Response:
+        check_body_size(request, settings.MAX_REQUEST_BYTES)
+        data = RegisterInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        fields = dict(data.validated_data)
+        server = services.server_for_token(fields.pop("server_token"))
+        if server is None:
+            raise TetherError(
+                "Invalid server token.", code="authentication_failed", status_code=401
+            )
+        registration = services.register_agent(
+            server=server, signing=fields.pop("signing", None) == "hmac-sha256", **fields
+        )
+        agent = registration.agent
+        return Response(
+            {
+                "agent_id": agent.pk,
+                "server_id": server.pk,
+                "token": registration.token,
+                "secret_key": registration.secret_key,
+                "rpc_port": agent.rpc_port,
+                "config": services.agent_config(),
+                "heartbeat_mode": "push",
+            },
+            status=status.HTTP_201_CREATED,
+        )
+
+
+class HeartbeatInput(serializers.Serializer):
+    status = serializers.CharField(max_length=32, required=False, allow_blank=True)
+    version = serializers.CharField(max_length=64, required=False, allow_blank=True)
+    rpc_port = serializers.IntegerField(
+        min_value=0, max_value=65535, required=False, allow_null=True
+    )
+
+
+class HeartbeatView(AgentAPIView):
+    """The older dialect's heartbeat without fetching commands."""
+
+    def post(self, request: Request) -> Response:
+        data = HeartbeatInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        services.record_heartbeat(
+            agent=self.get_agent(),
+            version=data.validated_data.get("version"),
+            rpc_port=data.validated_data.get("rpc_port"),
+        )
+        return Response({"status": "ok", "config": services.agent_config()})
+
+
+def _poll_params(request: HttpRequest) -> tuple[float, str | None, int | None]:
+    try:
+        wait = float(request.GET.get("wait") or 0)
+        rpc_port = int(request.GET["rpc_port"]) if request.GET.get("rpc_port") else None
+    except ValueError as exc:
+        raise exceptions.ValidationError("wait and rpc_port must be numbers") from exc
+    if wait != wait or wait < 0:  # NaN or negative
+        raise exceptions.ValidationError("wait must be a number of seconds >= 0")
+    if rpc_port is not None and not 0 <= rpc_port <= 65535:
+        raise exceptions.ValidationError("rpc_port must be 0..65535")
+    wait = min(wait, services.effective_long_poll_timeout())
+    return wait, (request.GET.get("version") or None), rpc_port
+
+
+def _open_poll(request: HttpRequest) -> tuple[Agent, float, command_services.Delivery]:
+    """Authenticate, record the heartbeat and claim work: one trip to the database thread."""
+    check_body_size(request, settings.MAX_REQUEST_BYTES)
+    agent = authenticate_agent(request)
+    wait, version, rpc_port = _poll_params(request)
+    services.record_heartbeat(agent=agent, version=version, rpc_port=rpc_port)
+    return agent, wait, command_services.claim_commands(agent=agent)
+
+
+def _poll_answer(delivery: command_services.Delivery) -> dict[str, Any]:
+    return {
+        "commands": [command_services.as_delivered(c) for c in delivery.commands],
+        "cancel": delivery.cancel,
+        "config": services.agent_config(),
+    }
+
+
+@csrf_exempt
+async def poll_commands(request: HttpRequest) -> HttpResponse:
+    """Long-poll: answer as soon as there is work (or a cancel) for this agent, else after
+    `wait` seconds. Every poll is a heartbeat."""
+    if request.method not in ("GET", "POST"):
+        return json_error("method_not_allowed", f"Method {request.method} not allowed.", 405)
+    try:
+        agent, wait, delivery = await sync_to_async(_open_poll)(request)
+    except exceptions.AuthenticationFailed:
+        return json_error("authentication_failed", REFUSAL, 401)
+    except exceptions.APIException as exc:
+        return error_response(exc)
+
+    if not (delivery.commands or delivery.cancel) and wait > 0:
+        deadline = time.monotonic() + wait
+        with wakeups.subscribe(wakeups.agent_key(agent.pk)) as waiter:
+            # Claim once more after subscribing: a command queued in between is not missed.
+            delivery = await sync_to_async(command_services.claim_commands)(agent=agent)
+            while not (delivery.commands or delivery.cancel):
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                await waiter.wait(min(remaining, settings.POLL_RECHECK))
+                delivery = await sync_to_async(command_services.claim_commands)(agent=agent)
+    return JsonResponse(_poll_answer(delivery))
+
+
+@csrf_exempt
+async def deprecated_command_poll(request: HttpRequest) -> HttpResponse:
+    """`POST /api/agents/command/`: the original poll path, kept with a Deprecation header."""
+    response = await poll_commands(request)
+    response["Deprecation"] = "true"
+    response["Link"] = '</api/agents/poll_commands/>; rel="successor-version"'
+    return response
+
+
+def agent_file(request: HttpRequest, filename: str) -> HttpResponse:
+    """Serve the agent's own files, by exact name only (no paths, no other files)."""
+    if request.method != "GET":
+        return json_error("method_not_allowed", f"Method {request.method} not allowed.", 405)
+    if filename not in AGENT_FILES:
+        return json_error("not_found", "Not found.", 404)
+    path = settings.AGENT_DIR / filename
+    if not path.is_file():
+        return json_error("not_found", "Not found.", 404)
+    return FileResponse(path.open("rb"), content_type="text/plain; charset=utf-8")
+
+
+class DeploymentProgressView(AgentAPIView):
+    """Deployments arrive with the agent-lifecycle work; until then no id exists."""
+
+    def post(self, request: Request, deployment_id: int) -> Response:
+        raise exceptions.NotFound("No such deployment.")

@@ -1,0 +1,76 @@
+from typing import Any
+
+from rest_framework import serializers
+
+from tether.serializers import StrictInputMixin, TagList
+
+from ..models import Agent, Server
+
+
+class ServerSerializer(StrictInputMixin, serializers.ModelSerializer):
+    ssh_private_key = serializers.CharField(
+        write_only=True, required=False, allow_blank=True, max_length=16384, trim_whitespace=False
+    )
+    tags = TagList()
+    agents = serializers.PrimaryKeyRelatedField(many=True, read_only=True)
+    ssh_port = serializers.IntegerField(min_value=1, max_value=65535, required=False)
+
+    class Meta:
+        model = Server
+        fields = [
+            "id",
+            "name",
+            "host",
+            "ssh_port",
+            "ssh_user",
+            "ssh_private_key",
+            "agent_dir",
+            "tags",
+            "agents",
+            "created_at",
+        ]
+        read_only_fields = ["id", "agents", "created_at"]
+
+    def validate_name(self, value: str) -> str:
+        owner = self.context["request"].user
+        taken = Server.objects.filter(owner=owner, name=value)
+        if self.instance is not None:
+            taken = taken.exclude(pk=self.instance.pk)
+        if taken.exists():
+            raise serializers.ValidationError("You already have a server with this name.")
+        return value
+
+    def validate_host(self, value: str) -> str:
+        if any(c.isspace() for c in value) or value.startswith("-"):
+            raise serializers.ValidationError("Enter a host name or address.")
+        return value
+
+
+class AgentSerializer(StrictInputMixin, serializers.ModelSerializer):
+    server_name = serializers.CharField(source="server.name", read_only=True)
+    legacy = serializers.BooleanField(read_only=True)
+    tags = TagList()
+
+    class Meta:
+        model = Agent
+        fields = [
+            "id",
+            "server",
+            "server_name",
+            "hostname",
+            "status",
+            "last_heartbeat",
+            "version",
+            "os",
+            "arch",
+            "rpc_port",
+            "tags",
+            "legacy",
+            "registered_at",
+        ]
+        read_only_fields = [f for f in fields if f != "tags"]
+
+    def update(self, instance: Agent, validated_data: dict[str, Any]) -> Agent:
+        instance.tags = validated_data.get("tags", instance.tags)
+        instance.save(update_fields=["tags"])
+        return instance

@@ -1,0 +1,127 @@
+"""Human API for servers and agents (and the agent-scoped command actions)."""
+
+from typing import Any
+
+from django.db.models import Q, QuerySet
+from rest_framework import exceptions, mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from tether.accounts.selectors import (
+    agents_visible_to,
+    servers_visible_to,
+    templates_visible_to,
+)
+from tether.commands import command_templates
+from tether.commands import services as command_services
+from tether.commands.api.serializers import (
+    CommandSerializer,
+    CommandSummarySerializer,
+    SendCommandInput,
+)
+
+from .. import services
+from ..models import Agent, Server
+from .serializers import AgentSerializer, ServerSerializer
+
+HISTORY_LENGTH = 50
+
+
+class ServerViewSet(viewsets.ModelViewSet):
+    serializer_class = ServerSerializer
+    lookup_value_regex = r"\d+"
+
+    def get_queryset(self) -> QuerySet[Server]:
+        return servers_visible_to(self.request.user).prefetch_related("agents")
+
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        data = self.get_serializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        server, token = services.create_server(owner=request.user, **data.validated_data)
+        body = {**ServerSerializer(server, context={"request": request}).data}
+        body["server_token"] = token
+        return Response(body, status=status.HTTP_201_CREATED)
+
+    def perform_update(self, serializer: ServerSerializer) -> None:
+        services.update_server(
+            server=serializer.instance, user=self.request.user, **serializer.validated_data
+        )
+
+    def perform_destroy(self, instance: Server) -> None:
+        services.delete_server(server=instance, user=self.request.user)
+
+    @action(detail=True, methods=["post"])
+    def rotate_token(self, request: Request, pk: str) -> Response:
+        """A new server token (shown once); the old one stops working."""
+        server = self.get_object()
+        token = services.rotate_server_token(server=server, user=request.user)
+        body = {**ServerSerializer(server, context={"request": request}).data}
+        body["server_token"] = token
+        return Response(body)
+
+
+class AgentViewSet(
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.UpdateModelMixin,
+    viewsets.GenericViewSet,
+):
+    serializer_class = AgentSerializer
+    lookup_value_regex = r"\d+"
+    http_method_names = ["get", "post", "patch", "head", "options"]
+
+    def get_queryset(self) -> QuerySet[Agent]:
+        qs = agents_visible_to(self.request.user)
+        params = self.request.query_params
+        if state := params.get("status"):
+            if state not in Agent.Status.values:
+                raise exceptions.ValidationError(
+                    {"status": [f"must be one of {Agent.Status.values}"]}
+                )
+            qs = qs.filter(status=state)
+        if search := params.get("search"):
+            qs = qs.filter(Q(hostname__icontains=search) | Q(server__name__icontains=search))
+        if tag := params.get("tag"):
+            # JSON containment is not portable to SQLite; tags lists are short.
+            qs = qs.filter(pk__in=[a.pk for a in qs.only("pk", "tags") if tag in a.tags])
+        return qs
+
+    @action(detail=True, methods=["post"])
+    def send_command(self, request: Request, pk: str) -> Response:
+        """Queue a command (a line, an argv, or a template with parameters) for this agent."""
+        agent = self.get_object()
+        data = SendCommandInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        values = data.validated_data
+        timeout = values.get("timeout")
+        if "template" in values:
+            template = templates_visible_to(request.user).filter(pk=values["template"]).first()
+            if template is None:
+                raise exceptions.ValidationError({"template": ["No such template."]})
+            try:
+                line = command_templates.render(
+                    template.command, template.parameters, values.get("params", {})
+                )
+            except command_templates.TemplateError as exc:
+                raise exceptions.ValidationError({"params": [str(exc)]}) from exc
+            timeout = timeout or template.timeout
+            command = command_services.queue_command(
+                agent=agent, command=line, timeout=timeout, user=request.user
+            )
+        else:
+            command = command_services.queue_command(
+                agent=agent,
+                command=values["command"],
+                args=values.get("args"),
+                timeout=timeout,
+                user=request.user,
+            )
+        return Response(CommandSerializer(command).data, status=status.HTTP_201_CREATED)
+
+    @action(detail=True, methods=["get"])
+    def commands(self, request: Request, pk: str) -> Response:
+        """The agent's latest commands, newest first."""
+        agent = self.get_object()
+        latest = agent.commands.select_related("created_by").order_by("-created_at", "-id")
+        return Response(CommandSummarySerializer(latest[:HISTORY_LENGTH], many=True).data)

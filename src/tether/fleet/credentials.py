@@ -1,0 +1,76 @@
+"""Credential formats and storage, in one place (DESIGN §6).
+
+Agent tokens are random UUIDs (the original system's format), accepted with or without
+hyphens; secret keys carry 256 bits; server tokens 192 bits. Tokens are stored as SHA-256
+hashes (they are high-entropy lookup keys, so a fast hash is enough); secrets the server
+must use again are encrypted with a key derived from SECRET_KEY.
+"""
+
+import base64
+import hashlib
+import hmac
+import secrets
+import uuid
+from functools import lru_cache
+
+from cryptography.fernet import Fernet, InvalidToken
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from django.conf import settings
+
+
+def new_agent_token() -> str:
+    return str(uuid.uuid4())
+
+
+def new_secret_key() -> str:
+    return secrets.token_hex(32)
+
+
+def new_server_token() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def canonical_agent_token(raw: str) -> str | None:
+    """The token's 32 lowercase hex digits, or None when it is not a UUID at all."""
+    try:
+        return uuid.UUID(hex=raw.strip()).hex
+    except (ValueError, AttributeError):
+        return None
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def hash_agent_token(token: str) -> str:
+    canonical = canonical_agent_token(token)
+    if canonical is None:
+        raise ValueError("not a UUID")
+    return hash_token(canonical)
+
+
+@lru_cache(maxsize=4)
+def _fernet(secret_key: str) -> Fernet:
+    key = HKDF(
+        algorithm=hashes.SHA256(), length=32, salt=b"tether-credentials", info=b"fernet"
+    ).derive(secret_key.encode())
+    return Fernet(base64.urlsafe_b64encode(key))
+
+
+def encrypt(value: str) -> str:
+    return _fernet(settings.SECRET_KEY).encrypt(value.encode()).decode()
+
+
+def decrypt(value: str) -> str:
+    """Raises ValueError when the value was encrypted under another SECRET_KEY."""
+    try:
+        return _fernet(settings.SECRET_KEY).decrypt(value.encode()).decode()
+    except InvalidToken as exc:
+        raise ValueError("cannot decrypt: SECRET_KEY changed?") from exc
+
+
+def sign(secret_key: str, method: str, path: str, timestamp: str, body: bytes) -> str:
+    """The request signature of docs/agent-protocol.md; the agent computes the same."""
+    message = "\n".join([method.upper(), path, timestamp, hashlib.sha256(body).hexdigest()])
+    return hmac.new(secret_key.encode("ascii"), message.encode(), hashlib.sha256).hexdigest()

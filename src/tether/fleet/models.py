@@ -1,0 +1,69 @@
+from django.conf import settings
+from django.db import models
+
+
+class Server(models.Model):
+    """A managed host. Its agent registers with the server token, which is shown once and
+    stored only as a hash."""
+
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="servers"
+    )
+    name = models.CharField(max_length=200)
+    host = models.CharField(max_length=255)
+    ssh_user = models.CharField(max_length=64, default="root")
+    ssh_port = models.PositiveIntegerField(default=22)
+    ssh_private_key_encrypted = models.TextField(blank=True, default="")
+    agent_dir = models.CharField(max_length=255, default="/opt/tether-agent")
+    tags = models.JSONField(default=list, blank=True)
+    token_hash = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["owner", "name"], name="server_name_unique_per_owner")
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Agent(models.Model):
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        ONLINE = "online"
+        OFFLINE = "offline"
+        STOPPED = "stopped"
+        UPGRADING = "upgrading"
+
+    server = models.ForeignKey(Server, on_delete=models.CASCADE, related_name="agents")
+    hostname = models.CharField(max_length=255)
+    version = models.CharField(max_length=64, blank=True, default="")
+    os = models.CharField(max_length=64, blank=True, default="")
+    arch = models.CharField(max_length=64, blank=True, default="")
+    rpc_port = models.PositiveIntegerField(null=True, blank=True)
+    tags = models.JSONField(default=list, blank=True)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    last_heartbeat = models.DateTimeField(null=True, blank=True, db_index=True)
+    # Credentials: the token as a SHA-256 hash (it is a lookup key), the secret key encrypted
+    # (the server needs it back to check signatures). A dump yields neither.
+    token_hash = models.CharField(max_length=64, unique=True)
+    secret_key_encrypted = models.TextField()
+    # Fixed at registration: an agent that declared signing must sign every request.
+    signs_requests = models.BooleanField(default=False)
+    registered_at = models.DateTimeField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["hostname", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["server", "hostname"], name="agent_unique_per_host")
+        ]
+
+    def __str__(self) -> str:
+        return self.hostname
+
+    @property
+    def legacy(self) -> bool:
+        return not self.signs_requests

@@ -1,0 +1,183 @@
+"""Tether settings: every knob comes from a `TETHER_*` environment variable with a default
+that works on a laptop (SQLite in WAL mode under `TETHER_DATA_DIR`)."""
+
+import os
+from pathlib import Path
+
+import dj_database_url
+from django.core.management.utils import get_random_secret_key
+
+
+def env_bool(name: str, default: bool) -> bool:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+def env_int(name: str, default: int) -> int:
+    return int(os.environ.get(name, default))
+
+
+BASE_DIR = Path(__file__).resolve().parent
+DATA_DIR = Path(os.environ.get("TETHER_DATA_DIR", "var")).resolve()
+DATA_DIR.mkdir(parents=True, exist_ok=True)
+# The agent lives in the repository beside src/ and is served to agents for upgrades.
+AGENT_DIR = Path(os.environ.get("TETHER_AGENT_DIR", BASE_DIR.parent.parent / "agent")).resolve()
+
+
+def _secret_key() -> str:
+    """Use TETHER_SECRET_KEY, or a key generated once and kept in the data dir, so that a
+    laptop install survives restarts without leaking a default key into production."""
+    key = os.environ.get("TETHER_SECRET_KEY")
+    if key:
+        return key
+    path = DATA_DIR / "secret_key"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(get_random_secret_key())
+    return path.read_text().strip()
+
+
+SECRET_KEY = _secret_key()
+DEBUG = env_bool("TETHER_DEBUG", False)
+ALLOWED_HOSTS = [h.strip() for h in os.environ.get("TETHER_ALLOWED_HOSTS", "*").split(",")]
+PUBLIC_URL = os.environ.get("TETHER_PUBLIC_URL", "").rstrip("/")
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "rest_framework.authtoken",
+    "drf_spectacular",
+    "tether.accounts",
+    "tether.fleet",
+    "tether.commands",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "tether.urls"
+ASGI_APPLICATION = "tether.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ]
+        },
+    }
+]
+
+_database_url = os.environ.get("TETHER_DATABASE_URL")
+if _database_url:
+    DATABASES = {"default": dj_database_url.parse(_database_url, conn_max_age=60)}
+else:
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.sqlite3",
+            "NAME": DATA_DIR / "tether.sqlite3",
+            "OPTIONS": {
+                # IMMEDIATE takes the write lock up front, so two writers queue on `timeout`
+                # instead of failing with "database is locked" when a read upgrades to a write.
+                "transaction_mode": "IMMEDIATE",
+                "timeout": 20,
+                "init_command": (
+                    "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA busy_timeout=20000;"
+                ),
+            },
+        }
+    }
+IS_SQLITE = DATABASES["default"]["ENGINE"].endswith("sqlite3")
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+]
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = False
+USE_TZ = True
+STATIC_URL = "/static/"
+STATIC_ROOT = DATA_DIR / "static"
+LOGIN_URL = "/login/"
+
+CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+
+# Request bodies: agents stream output in chunks well below this; the original dialect's
+# final result carries the whole output, so result calls may be as large as the output cap.
+MAX_REQUEST_BYTES = env_int("TETHER_MAX_REQUEST_BYTES", 1024 * 1024)
+MAX_OUTPUT_BYTES = env_int("TETHER_MAX_OUTPUT_BYTES", 16 * 1024 * 1024)
+MAX_RESULT_BYTES = 2 * MAX_OUTPUT_BYTES + 64 * 1024
+DATA_UPLOAD_MAX_MEMORY_SIZE = max(MAX_REQUEST_BYTES, MAX_RESULT_BYTES)
+
+# Fleet timers (seconds). Tests and benchmarks turn these down instead of sleeping.
+HEARTBEAT_INTERVAL = env_float("TETHER_HEARTBEAT_INTERVAL", 30)
+POLL_INTERVAL = env_float("TETHER_POLL_INTERVAL", 5)
+LONG_POLL_TIMEOUT = env_float("TETHER_LONG_POLL_TIMEOUT", 25)
+# A delivered command not acknowledged within its lease is delivered again.
+COMMAND_LEASE = env_float("TETHER_COMMAND_LEASE", 30)
+# Running commands of an agent offline this long past its offline mark become `lost`.
+LOST_GRACE = env_float("TETHER_LOST_GRACE", 300)
+# How often the sweeper marks offline agents and lost commands.
+SWEEP_INTERVAL = env_float("TETHER_SWEEP_INTERVAL", min(HEARTBEAT_INTERVAL, 10))
+COMMAND_TIMEOUT_DEFAULT = env_int("TETHER_COMMAND_TIMEOUT_DEFAULT", 300)
+COMMAND_TIMEOUT_MAX = env_int("TETHER_COMMAND_TIMEOUT_MAX", 7 * 24 * 3600)
+# How often a held long-poll re-reads the queue, for commands queued by another process.
+POLL_RECHECK = env_float("TETHER_POLL_RECHECK", 2)
+SIGNATURE_WINDOW = env_int("TETHER_SIGNATURE_WINDOW", 300)
+ACCEPT_LEGACY_AGENTS = env_bool("TETHER_ACCEPT_LEGACY_AGENTS", True)
+REGISTER_RATE = os.environ.get("TETHER_REGISTER_RATE", "60/min")
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "rest_framework.authentication.TokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    "PAGE_SIZE": 100,
+    "EXCEPTION_HANDLER": "tether.errors.exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_THROTTLE_RATES": {"register": REGISTER_RATE},
+    "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Tether API",
+    "DESCRIPTION": "Control plane for fleets of Linux servers.",
+    "VERSION": "0.1.0",
+}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"line": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
+    "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "line"}},
+    "root": {"handlers": ["stderr"], "level": os.environ.get("TETHER_LOG_LEVEL", "INFO")},
+    "loggers": {"django.request": {"level": "ERROR"}},
+}

@@ -1,0 +1,30 @@
+"""The periodic sweep that runs inside `tether serve`: offline agents, lost commands."""
+
+import asyncio
+import logging
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+
+log = logging.getLogger("tether.sweeper")
+
+
+def sweep_once() -> tuple[int, int]:
+    from tether.commands.services import mark_lost_commands
+    from tether.fleet.services import mark_offline_agents
+
+    return mark_offline_agents(), mark_lost_commands()
+
+
+async def run_sweeper() -> None:
+    """Mark offline agents and lost commands every SWEEP_INTERVAL seconds, forever.
+    A failed sweep is logged and retried on the next tick; it never stops the server."""
+    while True:
+        await asyncio.sleep(settings.SWEEP_INTERVAL)
+        try:
+            offline, lost = await sync_to_async(sweep_once)()
+        except Exception:
+            log.exception("sweep failed")
+            continue
+        if offline or lost:
+            log.info("sweep: %d agent(s) offline, %d command(s) lost", offline, lost)

@@ -1,0 +1,346 @@
+"""End-to-end fixtures: a real `tether serve` (uvicorn, SQLite) and real agent processes on
+loopback. Everything waits on conditions with deadlines, never on fixed sleeps."""
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+AGENT = ROOT / "agent" / "main.py"
+FINAL = {"succeeded", "failed", "timed_out", "cancelled", "lost"}
+ADMIN_PASSWORD = "admin-pw-for-tests"
+
+# Fast fleet timers: the tests turn the clocks down instead of sleeping.
+FAST_ENV = {
+    "TETHER_HEARTBEAT_INTERVAL": "1",
+    "TETHER_POLL_INTERVAL": "1",
+    "TETHER_LONG_POLL_TIMEOUT": "10",
+    "TETHER_SWEEP_INTERVAL": "0.5",
+    "TETHER_LOST_GRACE": "1",
+    "TETHER_POLL_RECHECK": "1",
+    "TETHER_REGISTER_RATE": "1000/min",
+}
+
+_processes: list[subprocess.Popen] = []
+
+
+def wait_for(
+    predicate: Callable[[], Any], timeout: float = 20, interval: float = 0.05, what: str = ""
+) -> Any:
+    """Poll `predicate` until it returns something truthy; fail with `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(argv: list[str], *, env: dict[str, str], log: Path) -> subprocess.Popen:
+    out = log.open("ab")
+    proc = subprocess.Popen(
+        argv, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True
+    )
+    _processes.append(proc)
+    return proc
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, sig)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=15)
+
+
+def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
+    for proc in _processes:
+        if proc.poll() is None:
+            kill_group(proc)
+
+
+class Api:
+    """A tiny JSON client over urllib: the tests speak HTTP exactly as a user would."""
+
+    def __init__(self, base: str, headers: dict[str, str] | None = None) -> None:
+        self.base = base.rstrip("/")
+        self.headers = headers or {}
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        headers: dict[str, str] | None = None,
+        raw: bytes | None = None,
+        timeout: float = 30,
+    ) -> tuple[int, Any]:
+        data = raw
+        h = {**self.headers, **(headers or {})}
+        if body is not None:
+            data = json.dumps(body).encode()
+        if data is not None:
+            h.setdefault("Content-Type", "application/json")
+        req = urllib.request.Request(self.base + path, data=data, method=method, headers=h)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return resp.status, _decode(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, _decode(exc.read())
+
+    def get(self, path: str, **kw: Any) -> tuple[int, Any]:
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, body: Any = None, **kw: Any) -> tuple[int, Any]:
+        return self.request("POST", path, {} if body is None and "raw" not in kw else body, **kw)
+
+
+def _decode(payload: bytes) -> Any:
+    try:
+        return json.loads(payload or b"null")
+    except ValueError:
+        return payload
+
+
+class TetherServer:
+    """One `tether serve` process on a data dir it owns; can be killed and restarted."""
+
+    def __init__(self, data_dir: Path, extra_env: dict[str, str] | None = None) -> None:
+        self.data_dir = data_dir
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            **FAST_ENV,
+            "TETHER_DATA_DIR": str(data_dir),
+            "TETHER_SECRET_KEY": "tests-" + "k" * 50,
+            "DJANGO_SUPERUSER_PASSWORD": ADMIN_PASSWORD,
+            "PYTHONUNBUFFERED": "1",
+            **(extra_env or {}),
+        }
+        self.log = data_dir / "server.log"
+        self.proc: subprocess.Popen | None = None
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(BIN / "tether"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+            check=True,
+        )
+
+    def setup(self) -> "TetherServer":
+        self.cli("migrate", "--noinput", "-v0")
+        self.cli(
+            "createsuperuser", "--noinput", "--username", "admin", "--email", "admin@example.com"
+        )
+        return self
+
+    def start(self) -> "TetherServer":
+        self.proc = spawn(
+            [str(BIN / "tether"), "serve", "--bind", f"127.0.0.1:{self.port}"],
+            env=self.env,
+            log=self.log,
+        )
+
+        def healthy() -> bool:
+            assert self.proc.poll() is None, self.log.read_text()[-2000:]
+            with contextlib.suppress(OSError):
+                return Api(self.url).get("/healthz", timeout=2)[0] == 200
+            return False
+
+        wait_for(healthy, timeout=40, interval=0.1, what="server /healthz")
+        return self
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        assert self.proc is not None
+        kill_group(self.proc, sig)
+
+    def login(self, username: str, password: str) -> Api:
+        status, body = Api(self.url).post(
+            "/api/auth/token/", {"username": username, "password": password}
+        )
+        assert status == 200, body
+        return Api(self.url, {"Authorization": f"Token {body['token']}"})
+
+    def create_user(self, username: str, password: str) -> Api:
+        self.cli(
+            "shell",
+            "-c",
+            "from django.contrib.auth import get_user_model as g; "
+            f"g().objects.create_user({username!r}, password={password!r})",
+        )
+        return self.login(username, password)
+
+    def db(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.data_dir / "tether.sqlite3", timeout=20)
+
+    def sql(self, query: str, *params: Any) -> list[tuple]:
+        with contextlib.closing(self.db()) as conn, conn:
+            return conn.execute(query, params).fetchall()
+
+
+class AgentProcess:
+    """A real `agent/main.py` with its own state dir."""
+
+    def __init__(
+        self,
+        server: TetherServer,
+        server_token: str,
+        state_dir: Path,
+        agent_file: Path = AGENT,
+        extra: tuple[str, ...] = (),
+    ) -> None:
+        self.server = server
+        self.server_token = server_token
+        self.state_dir = state_dir
+        self.agent_file = agent_file
+        self.extra = extra
+        self.log = state_dir / "agent.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "AgentProcess":
+        self.proc = spawn(
+            [
+                sys.executable,
+                str(self.agent_file),
+                "--server",
+                self.server.url,
+                "--server-token",
+                self.server_token,
+                "--state-dir",
+                str(self.state_dir),
+                "--kill-grace",
+                "1",
+                *self.extra,
+            ],
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            log=self.log,
+        )
+        return self
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        assert self.proc is not None
+        # Only the agent's own process: its commands run in sessions of their own.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.proc.pid, sig)
+        self.proc.wait(timeout=15)
+
+
+class Fleet:
+    """One user's view of a server: a managed host with a running agent."""
+
+    def __init__(self, server: TetherServer, api: Api, tmp: Path) -> None:
+        self.server = server
+        self.api = api
+        self.tmp = tmp
+        status, body = api.post(
+            "/api/servers/", {"name": f"host-{uuid.uuid4().hex[:8]}", "host": "127.0.0.1"}
+        )
+        assert status == 201, body
+        self.server_id = body["id"]
+        self.server_token = body["server_token"]
+        self.agent_proc: AgentProcess | None = None
+        self.agent_id: int | None = None
+
+    def start_agent(self, **kw: Any) -> int:
+        state = Path(tempfile.mkdtemp(prefix="agent-", dir=self.tmp))
+        self.agent_proc = AgentProcess(self.server, self.server_token, state, **kw).start()
+        self.agent_id = self.wait_online()["id"]
+        return self.agent_id
+
+    def wait_online(self, timeout: float = 30) -> dict:
+        def online() -> dict | None:
+            _, body = self.api.get("/api/agents/")
+            for agent in body["results"]:
+                if agent["server"] == self.server_id and agent["status"] == "online":
+                    return agent
+            return None
+
+        return wait_for(online, timeout=timeout, what="agent online")
+
+    def send(self, command: str, **fields: Any) -> dict:
+        status, body = self.api.post(
+            f"/api/agents/{self.agent_id}/send_command/", {"command": command, **fields}
+        )
+        assert status == 201, body
+        return body
+
+    def command(self, command_id: int) -> dict:
+        status, body = self.api.get(f"/api/commands/{command_id}/")
+        assert status == 200, body
+        return body
+
+    def wait_final(self, command_id: int, timeout: float = 30) -> dict:
+        return wait_for(
+            lambda: (c := self.command(command_id))["status"] in FINAL and c,
+            timeout=timeout,
+            what=f"command {command_id} final",
+        )
+
+    def run(self, command: str, wait: float = 30, **fields: Any) -> dict:
+        return self.wait_final(self.send(command, **fields)["id"], timeout=wait)
+
+
+@pytest.fixture(scope="session")
+def tether(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TetherServer]:
+    server = TetherServer(tmp_path_factory.mktemp("tether")).setup().start()
+    yield server
+    server.kill(signal.SIGTERM)
+
+
+@pytest.fixture(scope="session")
+def admin_api(tether: TetherServer) -> Api:
+    return tether.login("admin", ADMIN_PASSWORD)
+
+
+@pytest.fixture
+def fleet(tether: TetherServer, admin_api: Api, tmp_path: Path) -> Iterator[Fleet]:
+    """A fresh managed host with a running, online agent."""
+    f = Fleet(tether, admin_api, tmp_path)
+    f.start_agent()
+    yield f
+    if f.agent_proc and f.agent_proc.proc and f.agent_proc.proc.poll() is None:
+        f.agent_proc.kill(signal.SIGTERM)
+
+
+def processes_matching(marker: str) -> list[int]:
+    """PIDs whose command line contains `marker` (how tests prove a group is gone)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if marker in cmdline and str(os.getpid()) != entry.name:
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
+                    pids.append(int(entry.name))
+    return pids

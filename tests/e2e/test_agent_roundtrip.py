@@ -1,0 +1,71 @@
+"""A real agent against a real server: output, exit codes, big and binary output, timeouts."""
+
+import base64
+import random
+
+from tests.conftest import Fleet, processes_matching, wait_for
+
+
+def test_it_runs_a_command_and_reports_exit_code_and_streams(fleet: Fleet) -> None:
+    command = fleet.run("echo hello-$((40+2)); echo oops >&2; exit 3")
+    assert command["status"] == "failed"
+    assert command["exit_code"] == 3
+    assert command["stdout"] == "hello-42\n"
+    assert command["stderr"] == "oops\n"
+    assert command["started_at"] and command["finished_at"]
+
+
+def test_it_reports_success_with_exact_stdout(fleet: Fleet) -> None:
+    command = fleet.run("printf 'a\\nb\\n'")
+    assert (command["status"], command["exit_code"], command["stdout"]) == (
+        "succeeded",
+        0,
+        "a\nb\n",
+    )
+
+
+def test_it_runs_argv_without_a_shell(fleet: Fleet) -> None:
+    command = fleet.run("printf", args=["%s|", "a b", "$(id)", ";", "*"])
+    assert command["status"] == "succeeded"
+    assert command["stdout"] == "a b|$(id)|;|*|"
+
+
+def test_it_delivers_large_output_byte_exact(fleet: Fleet) -> None:
+    command = fleet.run("seq 1 200000", wait=60)
+    expected = "".join(f"{i}\n" for i in range(1, 200001))
+    assert command["status"] == "succeeded"
+    assert len(command["stdout"]) == len(expected)
+    assert command["stdout"] == expected
+    assert not command["truncated"]
+
+
+def test_it_keeps_binary_output_through_base64(fleet: Fleet) -> None:
+    payload = bytes(range(256)) * 64 + b"\xff\xfe\x00tail"
+    encoded = base64.b64encode(payload).decode()
+    command = fleet.run(f"echo {encoded} | base64 -d")
+    assert command["status"] == "succeeded"
+    # The API decodes to text; the exact bytes are checked at the storage level.
+    rows = fleet.server.sql(
+        "SELECT data FROM commands_outputchunk WHERE command_id = ? AND stream = 'stdout' "
+        "ORDER BY offset",
+        command["id"],
+    )
+    assert b"".join(bytes(r[0]) for r in rows) == payload
+
+
+def test_it_times_out_and_leaves_no_process_behind(fleet: Fleet) -> None:
+    marker = f"{random.randint(100, 999)}.{random.randint(100000, 999999)}"
+    command = fleet.run(f"sleep {marker} & sleep {marker}; echo never", wait=30, timeout=2)
+    assert command["status"] == "timed_out"
+    assert "never" not in command["stdout"]
+    wait_for(
+        lambda: not processes_matching(f"sleep {marker}"), timeout=5, what="no sleep left behind"
+    )
+
+
+def test_it_runs_commands_concurrently(fleet: Fleet) -> None:
+    slow = fleet.send("sleep 20", timeout=30)
+    quick = fleet.run("echo quick", wait=10)
+    assert quick["status"] == "succeeded"
+    assert fleet.command(slow["id"])["status"] == "running"
+    fleet.api.post(f"/api/commands/{slow['id']}/cancel/")
