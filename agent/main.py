@@ -1021,7 +1021,7 @@ class Sender:
         """The server handed out an id we already have: the ack or result is on its way, or it
         was lost, in which case the result is sent again."""
         run = self.journal.get(cid)
-        if run is not None:
+        if run is not None and run.state != "reported":
             if run.state == "done":
                 run.retry_at = 0.0
                 self.event.set()
@@ -1227,7 +1227,8 @@ class Sender:
         self.journal.delete_spool(run.id)
         self.journal.mark_reported(run)
         with self.lock:
-            self.outbox.pop(run.id, None)
+            if self.outbox.get(run.id) is run:  # not a resend queued meanwhile
+                del self.outbox[run.id]
         log("info", "result reported", id=run.id, status=run.entry["result"].get("status"))
 
 

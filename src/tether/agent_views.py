@@ -15,6 +15,13 @@ from tether.errors import PayloadTooLarge, error_body
 from tether.fleet.authentication import AgentTokenAuthentication, IsAgent
 
 
+def agent_endpoint(view: Any) -> Any:
+    """Mark a function view as agent-facing: tether.asgi serves it without the human
+    middleware stack."""
+    view.agent_endpoint = True
+    return view
+
+
 def check_body_size(request: HttpRequest, limit: int) -> None:
     """Refuse a body over `limit` before reading it."""
     try:
@@ -41,6 +48,7 @@ class AgentAPIView(APIView):
     authentication_classes = [AgentTokenAuthentication]
     permission_classes = [IsAgent]
     max_body = settings.MAX_REQUEST_BYTES
+    agent_endpoint = True  # served by the thin ASGI route (tether.asgi)
 
     def initial(self, request: Any, *args: Any, **kwargs: Any) -> None:
         check_body_size(request, self.max_body)

@@ -100,6 +100,9 @@ else:
         "default": {
             "ENGINE": "django.db.backends.sqlite3",
             "NAME": DATA_DIR / "tether.sqlite3",
+            # Keep the connection: reopening it (and re-running the PRAGMAs) on every request
+            # costs more than the request itself on the agent hot path.
+            "CONN_MAX_AGE": None,
             "OPTIONS": {
                 # IMMEDIATE takes the write lock up front, so two writers queue on `timeout`
                 # instead of failing with "database is locked" when a read upgrades to a write.

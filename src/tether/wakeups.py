@@ -24,6 +24,7 @@ class Waiter:
     def __init__(self) -> None:
         self.loop = asyncio.get_running_loop()
         self.event = asyncio.Event()
+        self.keys: set[str] = set()
 
     def wake(self) -> None:
         self.loop.call_soon_threadsafe(self.event.set)
@@ -39,21 +40,36 @@ class Waiter:
             self.event.clear()
 
 
-@contextmanager
-def subscribe(key: str) -> Iterator[Waiter]:
-    """Subscribe before reading the database, so a notify between read and wait is not lost."""
-    waiter = Waiter()
+def register(key: str, waiter: Waiter) -> None:
+    """Add `waiter` under `key`; callable from any thread (the long-poll registers from its
+    database hop, as soon as it knows which agent is calling)."""
     with _lock:
         _waiters[key].add(waiter)
-    try:
-        yield waiter
-    finally:
-        with _lock:
+        waiter.keys.add(key)
+
+
+def unregister(waiter: Waiter) -> None:
+    with _lock:
+        for key in waiter.keys:
             waiters = _waiters.get(key)
             if waiters is not None:
                 waiters.discard(waiter)
                 if not waiters:
                     del _waiters[key]
+        waiter.keys.clear()
+
+
+@contextmanager
+def subscribe(key: str | None = None) -> Iterator[Waiter]:
+    """Subscribe before reading the database, so a notify between read and wait is not lost.
+    Without a key, the caller registers one later with `register`."""
+    waiter = Waiter()
+    if key is not None:
+        register(key, waiter)
+    try:
+        yield waiter
+    finally:
+        unregister(waiter)
 
 
 def notify(key: str) -> None:

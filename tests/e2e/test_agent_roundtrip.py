@@ -65,6 +65,7 @@ def test_it_times_out_and_leaves_no_process_behind(fleet: Fleet) -> None:
 
 def test_it_runs_commands_concurrently(fleet: Fleet) -> None:
     slow = fleet.send("sleep 20", timeout=30)
+    wait_for(lambda: fleet.command(slow["id"])["status"] == "running", what="slow one running")
     quick = fleet.run("echo quick", wait=10)
     assert quick["status"] == "succeeded"
     assert fleet.command(slow["id"])["status"] == "running"

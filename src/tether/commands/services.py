@@ -59,8 +59,12 @@ def claim_commands(*, agent: Agent, limit: int = 20) -> Delivery:
     """Hand out queued commands (and delivered ones whose lease ran out) to the agent, and
     list the running ones it must cancel."""
     now = timezone.now()
+    due = Q(status=S.QUEUED) | Q(status=S.DELIVERED, lease_expires_at__lt=now)
+    wanted = due | Q(cancel_requested=True, status__in=states.ACTIVE)
+    # Most polls find nothing: answer those with one read, without taking the write lock.
+    if not Command.objects.filter(wanted, agent=agent).exists():
+        return Delivery(commands=[], cancel=[])
     with transaction.atomic():
-        due = Q(status=S.QUEUED) | Q(status=S.DELIVERED, lease_expires_at__lt=now)
         ids = list(
             Command.objects.filter(due, agent=agent)
             .order_by("created_at", "id")

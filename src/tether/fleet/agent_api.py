@@ -15,7 +15,7 @@ from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
 from tether import wakeups
-from tether.agent_views import AgentAPIView, check_body_size, error_response
+from tether.agent_views import AgentAPIView, agent_endpoint, check_body_size, error_response
 from tether.commands import services as command_services
 from tether.errors import TetherError, json_error
 
@@ -45,6 +45,7 @@ class RegisterView(APIView):
     permission_classes = [AllowAny]
     throttle_classes = [ScopedRateThrottle]
     throttle_scope = "register"
+    agent_endpoint = True
 
     def post(self, request: Request) -> Response:
         check_body_size(request, settings.MAX_REQUEST_BYTES)
@@ -110,11 +111,16 @@ def _poll_params(request: HttpRequest) -> tuple[float, str | None, int | None]:
     return wait, (request.GET.get("version") or None), rpc_port
 
 
-def _open_poll(request: HttpRequest) -> tuple[Agent, float, command_services.Delivery]:
-    """Authenticate, record the heartbeat and claim work: one trip to the database thread."""
+def _open_poll(
+    request: HttpRequest, waiter: wakeups.Waiter
+) -> tuple[Agent, float, command_services.Delivery]:
+    """Authenticate, subscribe to wake-ups, record the heartbeat and claim work: one trip
+    to the database thread. Subscribing before the claim means a command queued in between
+    still wakes the poll."""
     check_body_size(request, settings.MAX_REQUEST_BYTES)
     agent = authenticate_agent(request)
     wait, version, rpc_port = _poll_params(request)
+    wakeups.register(wakeups.agent_key(agent.pk), waiter)
     services.record_heartbeat(agent=agent, version=version, rpc_port=rpc_port)
     return agent, wait, command_services.claim_commands(agent=agent)
 
@@ -127,33 +133,31 @@ def _poll_answer(delivery: command_services.Delivery) -> dict[str, Any]:
     }
 
 
+@agent_endpoint
 @csrf_exempt
 async def poll_commands(request: HttpRequest) -> HttpResponse:
     """Long-poll: answer as soon as there is work (or a cancel) for this agent, else after
     `wait` seconds. Every poll is a heartbeat."""
     if request.method not in ("GET", "POST"):
         return json_error("method_not_allowed", f"Method {request.method} not allowed.", 405)
-    try:
-        agent, wait, delivery = await sync_to_async(_open_poll)(request)
-    except exceptions.AuthenticationFailed:
-        return json_error("authentication_failed", REFUSAL, 401)
-    except exceptions.APIException as exc:
-        return error_response(exc)
-
-    if not (delivery.commands or delivery.cancel) and wait > 0:
+    with wakeups.subscribe() as waiter:
+        try:
+            agent, wait, delivery = await sync_to_async(_open_poll)(request, waiter)
+        except exceptions.AuthenticationFailed:
+            return json_error("authentication_failed", REFUSAL, 401)
+        except exceptions.APIException as exc:
+            return error_response(exc)
         deadline = time.monotonic() + wait
-        with wakeups.subscribe(wakeups.agent_key(agent.pk)) as waiter:
-            # Claim once more after subscribing: a command queued in between is not missed.
+        while not (delivery.commands or delivery.cancel):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            await waiter.wait(min(remaining, settings.POLL_RECHECK))
             delivery = await sync_to_async(command_services.claim_commands)(agent=agent)
-            while not (delivery.commands or delivery.cancel):
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                await waiter.wait(min(remaining, settings.POLL_RECHECK))
-                delivery = await sync_to_async(command_services.claim_commands)(agent=agent)
     return JsonResponse(_poll_answer(delivery))
 
 
+@agent_endpoint
 @csrf_exempt
 async def deprecated_command_poll(request: HttpRequest) -> HttpResponse:
     """`POST /api/agents/command/`: the original poll path, kept with a Deprecation header."""
@@ -163,6 +167,7 @@ async def deprecated_command_poll(request: HttpRequest) -> HttpResponse:
     return response
 
 
+@agent_endpoint
 def agent_file(request: HttpRequest, filename: str) -> HttpResponse:
     """Serve the agent's own files, by exact name only (no paths, no other files)."""
     if request.method != "GET":

@@ -35,13 +35,10 @@ def authenticate_agent(request: HttpRequest) -> Agent:
     canonical = credentials.canonical_agent_token(request.headers.get("X-Agent-Token", ""))
     if canonical is None:
         raise exceptions.AuthenticationFailed(REFUSAL)
-    agent = (
-        Agent.objects.select_related("server")
-        .filter(token_hash=credentials.hash_token(canonical))
-        .first()
-    )
-    if agent is None:
-        raise exceptions.AuthenticationFailed(REFUSAL)
+    try:
+        agent = Agent.objects.get(token_hash=credentials.hash_token(canonical))
+    except Agent.DoesNotExist as exc:
+        raise exceptions.AuthenticationFailed(REFUSAL) from exc
     if agent.signs_requests:
         _check_signature(request, agent)
     elif not settings.ACCEPT_LEGACY_AGENTS:

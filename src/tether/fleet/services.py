@@ -125,17 +125,29 @@ def register_agent(
     return Registration(agent=agent, token=token, secret_key=secret_key)
 
 
+# Far below any offline threshold (3 x heartbeat interval), so skipping is always safe.
+HEARTBEAT_FRESHNESS = 1.0
+
+
 def record_heartbeat(
     *, agent: Agent, version: str | None = None, rpc_port: int | None = None
 ) -> None:
-    """Mark the agent alive now; one UPDATE, no read."""
-    fields: dict[str, Any] = {"last_heartbeat": timezone.now()}
+    """Mark the agent alive now: one UPDATE, skipped when nothing changes and the last
+    heartbeat is fresher than HEARTBEAT_FRESHNESS (a busy agent polls many times a second)."""
+    now = timezone.now()
+    fields: dict[str, Any] = {}
     if agent.status in (Agent.Status.PENDING, Agent.Status.OFFLINE):
         fields["status"] = Agent.Status.ONLINE
     if version and version != agent.version:
         fields["version"] = version
     if rpc_port is not None and rpc_port != agent.rpc_port:
         fields["rpc_port"] = rpc_port
+    stale = agent.last_heartbeat is None or (
+        (now - agent.last_heartbeat).total_seconds() >= HEARTBEAT_FRESHNESS
+    )
+    if not fields and not stale:
+        return
+    fields["last_heartbeat"] = now
     Agent.objects.filter(pk=agent.pk).update(**fields)
     for name, value in fields.items():
         setattr(agent, name, value)

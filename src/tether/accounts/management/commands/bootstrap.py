@@ -45,18 +45,25 @@ class Command(BaseCommand):
         # run; agents that already registered keep working with their own credentials.
         server = Server.objects.filter(owner=admin, name=FIRST_SERVER).first()
         if server is None:
-            server, token = services.create_server(owner=admin, name=FIRST_SERVER,
-                                                   host="127.0.0.1")
+            server, token = services.create_server(owner=admin, name=FIRST_SERVER, host="127.0.0.1")
         else:
             token = services.rotate_server_token(server=server, user=admin)
 
         url = settings.PUBLIC_URL or f"http://{bind}"
         agent = Path(settings.AGENT_DIR) / "main.py"
         state_dir = settings.DATA_DIR / "agent-first-server"
-        line = shlex.join([
-            "python3", str(agent), "--server", url, "--server-token", token,
-            "--state-dir", str(state_dir),
-        ])
+        line = shlex.join(
+            [
+                "python3",
+                str(agent),
+                "--server",
+                url,
+                "--server-token",
+                token,
+                "--state-dir",
+                str(state_dir),
+            ]
+        )
         self.stdout.write(
             f"\nTether is starting at {url}/\n"
             f"  admin user:     {username}\n"
