@@ -8,6 +8,8 @@ from typing import Any
 
 from django.conf import settings
 from django.http import HttpRequest, JsonResponse
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import exceptions, serializers
 from rest_framework.views import APIView
 
@@ -58,6 +60,7 @@ class AgentAPIView(APIView):
         return self.request.auth
 
 
+@extend_schema_field(OpenApiTypes.STR)
 class RawText(serializers.Field):
     """Command output as sent: any string, NUL characters and whitespace kept as they are."""
 

@@ -70,3 +70,25 @@ def test_it_runs_commands_concurrently(fleet: Fleet) -> None:
     assert quick["status"] == "succeeded"
     assert fleet.command(slow["id"])["status"] == "running"
     fleet.api.post(f"/api/commands/{slow['id']}/cancel/")
+
+
+def test_template_parameters_cannot_inject_a_command(fleet: Fleet, tmp_path) -> None:
+    target = tmp_path / "pwned"
+    status, template = fleet.api.post(
+        "/api/agents/command-templates/",
+        {
+            "name": f"greet-{fleet.agent_id}",
+            "command": "echo hello {who}",
+            "parameters": [{"name": "who", "type": "string"}],
+        },
+    )
+    assert status == 201, template
+    status, command = fleet.api.post(
+        f"/api/agents/{fleet.agent_id}/send_command/",
+        {"template": template["id"], "params": {"who": f"x; touch {target}"}},
+    )
+    assert status == 201, command
+    done = fleet.wait_final(command["id"])
+    assert done["status"] == "succeeded"
+    assert done["stdout"] == f"hello x; touch {target}\n"
+    assert not target.exists()

@@ -75,3 +75,34 @@ def test_a_command_delivered_twice_runs_once(fleet: Fleet, tmp_path: Path) -> No
     done = fleet.wait_final(command["id"], timeout=30)
     assert done["status"] == "succeeded"
     assert marker.read_text() == "run\n"
+
+
+def test_an_agent_that_stays_away_goes_offline_and_its_command_is_lost(fleet: Fleet) -> None:
+    command = fleet.send("sleep 60.789")
+    wait_for(lambda: fleet.command(command["id"])["status"] == "running", what="running")
+    fleet.agent_proc.kill(signal.SIGKILL)
+    # Fast timers: offline after 3 x 1 s without a heartbeat, lost 1 s later.
+    wait_for(
+        lambda: fleet.api.get(f"/api/agents/{fleet.agent_id}/")[1]["status"] == "offline",
+        timeout=15,
+        what="agent offline",
+    )
+    done = fleet.wait_final(command["id"], timeout=15)
+    assert done["status"] == "lost"
+    assert "offline" in done["error"]
+    # The restarted agent finds the orphan, kills it, and the command stays lost.
+    fleet.agent_proc.start()
+    fleet.wait_online()
+    wait_for(lambda: not processes_matching("sleep 60.789"), timeout=10, what="orphan killed")
+    assert fleet.command(command["id"])["status"] == "lost"
+
+
+def test_the_agent_exits_cleanly_on_sigterm(fleet: Fleet) -> None:
+    command = fleet.send("sleep 45.678")
+    wait_for(lambda: fleet.command(command["id"])["status"] == "running", what="running")
+    fleet.agent_proc.proc.send_signal(signal.SIGTERM)
+    assert fleet.agent_proc.proc.wait(timeout=15) == 0
+    done = fleet.wait_final(command["id"], timeout=10)
+    assert done["status"] == "failed"
+    assert "agent stopped" in done["error"]
+    assert not processes_matching("sleep 45.678")

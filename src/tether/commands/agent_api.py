@@ -3,6 +3,7 @@
 from typing import Any
 
 from django.conf import settings
+from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import exceptions, serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -57,7 +58,11 @@ class ResultInput(ProgressInput):
         return data
 
 
+OK = inline_serializer("AgentOk", {"status": serializers.CharField()})
+
+
 class CommandProgressView(AgentAPIView):
+    @extend_schema(request=ProgressInput, responses={200: OK}, tags=["agent"])
     def post(self, request: Request, command_id: int) -> Response:
         data = ProgressInput(data=request.data)
         data.is_valid(raise_exception=True)
@@ -76,6 +81,7 @@ class CommandProgressView(AgentAPIView):
 class CommandResultView(AgentAPIView):
     max_body = settings.MAX_RESULT_BYTES
 
+    @extend_schema(request=ResultInput, responses={200: OK}, tags=["agent"])
     def post(self, request: Request, command_id: int) -> Response:
         data = ResultInput(data=request.data)
         data.is_valid(raise_exception=True)

@@ -7,6 +7,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
+from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import exceptions, serializers, status
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
@@ -47,6 +48,23 @@ class RegisterView(APIView):
     throttle_scope = "register"
     agent_endpoint = True
 
+    @extend_schema(
+        request=RegisterInput,
+        responses={
+            201: inline_serializer(
+                "Registration",
+                {
+                    "agent_id": serializers.IntegerField(),
+                    "server_id": serializers.IntegerField(),
+                    "token": serializers.CharField(),
+                    "secret_key": serializers.CharField(),
+                    "config": serializers.DictField(),
+                    "heartbeat_mode": serializers.CharField(),
+                },
+            )
+        },
+        tags=["agent"],
+    )
     def post(self, request: Request) -> Response:
         check_body_size(request, settings.MAX_REQUEST_BYTES)
         data = RegisterInput(data=request.data)
@@ -86,6 +104,7 @@ class HeartbeatInput(serializers.Serializer):
 class HeartbeatView(AgentAPIView):
     """The older dialect's heartbeat without fetching commands."""
 
+    @extend_schema(request=HeartbeatInput, responses={200: dict}, tags=["agent"])
     def post(self, request: Request) -> Response:
         data = HeartbeatInput(data=request.data)
         data.is_valid(raise_exception=True)
@@ -183,5 +202,6 @@ def agent_file(request: HttpRequest, filename: str) -> HttpResponse:
 class DeploymentProgressView(AgentAPIView):
     """Deployments arrive with the agent-lifecycle work; until then no id exists."""
 
+    @extend_schema(request=None, responses={404: dict}, tags=["agent"])
     def post(self, request: Request, deployment_id: int) -> Response:
         raise exceptions.NotFound("No such deployment.")
