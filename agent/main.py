@@ -474,6 +474,7 @@ def register(agent):
 def poll_forever(agent):
     """Long-poll for work until stopped; every poll is also the agent's heartbeat."""
     backoff = Backoff()
+    refused_backoff = Backoff(cap=REGISTER_BACKOFF_CAP)
     next_prune = time.monotonic() + PRUNE_INTERVAL
     while not agent.stopping.is_set():
         wait = float(agent.config["long_poll_timeout"]) if agent.config_known else 0.0
@@ -487,13 +488,14 @@ def poll_forever(agent):
             agent.stopping.wait(backoff.next_delay())
             continue
         if resp.status == 401:
-            handle_refused(agent, resp, backoff)
+            handle_refused(agent, resp, refused_backoff)
             continue
         if resp.status != 200:
             log("warn", "poll refused", status=resp.status, error=resp.error_message())
             agent.stopping.wait(backoff.next_delay())
             continue
         backoff.reset()
+        refused_backoff.reset()
         had_config = agent.config_known
         agent.adopt_config(resp.data.get("config"))
         commands = resp.data.get("commands") or []
@@ -685,14 +687,11 @@ class Runner:
             try:
                 self.execute(run)
             except Exception as exc:  # a bug must not take the worker or the command down silently
-                log(
-                    "error",
-                    "worker failed",
-                    id=run.id,
-                    error=repr(exc),
-                    trace=traceback.format_exc(),
-                )
+                trace = traceback.format_exc()
+                log("error", "worker failed", id=run.id, error=repr(exc), trace=trace)
                 try:
+                    if run.state == "started" and run.entry.get("pid"):
+                        terminate_group(run.entry["pid"], self.agent.args.kill_grace)
                     if run.state in ("accepted", "started"):
                         self.finish(run, {"status": "failed", "error": "agent error: %r" % exc})
                 except Exception as again:
@@ -724,15 +723,10 @@ class Runner:
             run.entry["result"] = result
             run.entry["state"] = "done"
             self.agent.journal.save(run.entry)
-        extra = {"error": result["error"]} if result.get("error") else {}
-        log(
-            "info",
-            "command finished",
-            id=run.id,
-            status=result["status"],
-            exit_code=result.get("exit_code"),
-            **extra,
-        )
+        fields = {"status": result["status"], "exit_code": result.get("exit_code")}
+        if result.get("error"):
+            fields["error"] = result["error"]
+        log("info", "command finished", id=run.id, **fields)
         self.agent.sender.add(run)
 
     def argv_for(self, spec):
@@ -889,11 +883,15 @@ class Runner:
         bytes are only counted, and the sizes reported tell the server it was truncated."""
         room = cap - run.stored["stdout"] - run.stored["stderr"]
         keep = data if len(data) <= room else data[: max(0, room)]
-        if keep:
+        try:
             view = memoryview(keep)
             while view:
                 view = view[os.write(fd, view) :]
-            run.stored[stream] += len(keep)
+                run.stored[stream] += len(keep) - len(view)
+        except OSError as exc:  # disk full: the command goes on, its output is lost past here
+            if not run.dropped:
+                log("error", "cannot spool output", id=run.id, error=exc)
+            keep = b""
         run.dropped += len(data) - len(keep)
         if run.pending(stream) >= STREAM_EAGER_BYTES:
             self.agent.sender.wake()
@@ -941,23 +939,12 @@ class Runner:
             if ours and group_alive(pid):
                 log("warn", "killing processes left by an interrupted command", id=run.id, pgid=pid)
                 terminate_group(pid, self.agent.args.kill_grace)
-        cap = entry.get("max_output_bytes") or DEFAULT_REMOTE_CONFIG["max_output_bytes"]
-        for stream in STREAMS:
+        for stream in STREAMS:  # the spool never holds more than the cap
             run.stored[stream] = self.agent.journal.spool_size(run.id, stream)
-        over = run.stored["stdout"] + run.stored["stderr"] - cap
-        if over > 0:
-            run.stored["stderr"] -= min(over, run.stored["stderr"])
-            run.stored["stdout"] = min(run.stored["stdout"], cap)
         now = time.time()
-        self.finish(
-            run,
-            {
-                "status": "lost",
-                "error": "agent restarted while the command ran",
-                "started_at": entry.get("started_at") or now,
-                "finished_at": now,
-            },
-        )
+        result = {"status": "lost", "error": "agent restarted while the command ran"}
+        result.update(started_at=entry.get("started_at") or now, finished_at=now)
+        self.finish(run, result)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1176,14 +1163,9 @@ class Sender:
                     run.entry["offsets"] = dict(run.acked)
                     self.journal.save(run.entry)
         elif not (resp.status == 409 and self.resync(run, resp)):
-            log(
-                "error",
-                "server refused progress; sending only the result",
-                id=run.id,
-                status=resp.status,
-                error=resp.error_message(),
-            )
-            run.progress_refused = True
+            error = resp.error_message()
+            log("error", "progress refused", id=run.id, status=resp.status, error=error)
+            run.progress_refused = True  # from now on only the result is sent
 
     def send_result(self, run, resend=False):
         result = run.entry["result"]
@@ -1208,13 +1190,8 @@ class Sender:
         if resp.status == 409 and not resend and run.conflicts < 20 and self.resync(run, resp):
             return
         if resp.status != 200:
-            log(
-                "error",
-                "server refused the result; giving up on it",
-                id=run.id,
-                status=resp.status,
-                error=resp.error_message(),
-            )
+            error = resp.error_message()
+            log("error", "result refused; giving up", id=run.id, status=resp.status, error=error)
         self.mark_reported(run)
 
     def mark_reported(self, run):
@@ -1237,25 +1214,25 @@ class Sender:
 # ---------------------------------------------------------------------------------------------
 
 
-class stop_signals_unblocked:
+@contextlib.contextmanager
+def stop_signals_unblocked():
     """Helper threads block SIGTERM/SIGINT so that the kernel delivers them to the main thread,
     where they interrupt the long poll. A child inherits its spawning thread's signal mask, so a
     worker unblocks them just while it starts a command, or the command could not be stopped."""
-
-    def __enter__(self):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-
-    def __exit__(self, *exc):
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
 
 class Agent:
     """What the sections share: arguments, server config, client, journal, runner, sender."""
 
-    def __init__(self, args, client):
+    def __init__(self, args, client, journal):
         self.args = args
         self.client = client
-        self.journal = Journal(args.state_dir)
+        self.journal = journal
         self.stopping = threading.Event()
         self.config = dict(DEFAULT_REMOTE_CONFIG)
         self.config_known = False
@@ -1311,21 +1288,22 @@ class Agent:
 
 def main(argv=None):
     args = parse_args(argv)
-    os.makedirs(args.state_dir, mode=0o700, exist_ok=True)
+    try:
+        os.makedirs(args.state_dir, mode=0o700, exist_ok=True)
+        journal = Journal(args.state_dir)
+    except OSError as exc:
+        log("error", "cannot use the state dir", state_dir=args.state_dir, error=exc)
+        return 2
     creds = load_credentials(args.state_dir)
     server = args.server or (creds or {}).get("server")
     if not server:
         log("error", "no server URL: pass --server or set TETHER_SERVER")
         return 2
     if not creds and not args.server_token:
-        log(
-            "error",
-            "no credentials in the state dir and no --server-token to register with",
-            state_dir=args.state_dir,
-        )
+        log("error", "no credentials and no --server-token", state_dir=args.state_dir)
         return 2
-    client = Client(server, args.ca_file)
-    agent = Agent(args, client)
+    agent = Agent(args, Client(server, args.ca_file), journal)
+    client = agent.client
     for signum in STOP_SIGNALS:
         signal.signal(signum, agent.on_signal)
     log("info", "agent starting", version=__version__, server=server, state_dir=args.state_dir)

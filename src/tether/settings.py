@@ -168,6 +168,8 @@ REST_FRAMEWORK = {
     "EXCEPTION_HANDLER": "tether.errors.exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_THROTTLE_RATES": {"register": REGISTER_RATE},
+    # Throttles key on the peer address; X-Forwarded-For counts only behind this many proxies.
+    "NUM_PROXIES": env_int("TETHER_NUM_PROXIES", 0),
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
 SPECTACULAR_SETTINGS = {

@@ -94,13 +94,14 @@ class CommandResultView(AgentAPIView):
             if f"{stream}_size" in values
         }
         legacy = not sizes and all(values.get(f"offset_{s}") is None for s in output.STREAMS)
-        if legacy and error and values.get("stderr") is None:
-            # The older dialect reports a failure's text as `error`: it is the stderr.
+        # The older dialect's final result (`append: false`) carries the whole output, which
+        # replaces what its offset-less progress calls stored: no doubled output. Its `error`
+        # is that output's stderr. A result without output replaces nothing.
+        replace = legacy and not values["append"] and values.get("stdout") is not None
+        error_as_stderr = legacy and bool(error) and values.get("stderr") is None
+        if replace and error_as_stderr:
             values["stderr"] = error
         chunks = data.chunks()
-        # The older dialect's final result (`append: false`) carries the whole output, which
-        # replaces what its offset-less progress calls stored: no doubled output.
-        replace = legacy and not values["append"] and bool(chunks)
         status = values.get("status") or (S.SUCCEEDED if values["success"] else S.FAILED)
         try:
             services.record_result(
@@ -111,6 +112,7 @@ class CommandResultView(AgentAPIView):
                 error=error,
                 chunks=chunks,
                 replace_output=replace,
+                error_as_stderr=error_as_stderr and not replace,
                 sizes=sizes,
                 started_at=values.get("started_at"),
             )

@@ -15,6 +15,30 @@ class TemplateError(ValueError):
     pass
 
 
+def quoted_placeholders(command: str, names: set[str]) -> set[str]:
+    """Declared placeholders that stand inside '...' or "..." in the command line.
+
+    A quoted value is safe only as a word of its own: inside single quotes it could close
+    them, inside double quotes `$(...)` would still run. Such templates are refused.
+    """
+    found: set[str] = set()
+    quote = ""  # "", "'" or '"'
+    i = 0
+    while i < len(command):
+        char = command[i]
+        if char == "\\" and quote != "'":
+            i += 2
+            continue
+        if quote and char == "{":
+            match = PLACEHOLDER.match(command, i)
+            if match and match.group(1) in names and command[i - 1 : i] != "$":
+                found.add(match.group(1))
+        if char in "'\"" and quote in ("", char):
+            quote = "" if quote else char
+        i += 1
+    return found
+
+
 def validate_parameters(command: str, parameters: Any) -> list[dict[str, Any]]:
     """Check declared parameters; placeholders that are not declared stay literal text
     (so `awk '{print}'` keeps working)."""
@@ -55,6 +79,12 @@ def validate_parameters(command: str, parameters: Any) -> list[dict[str, Any]]:
         if f"{{{name}}}" not in command:
             raise TemplateError(f"parameter {name} does not appear as {{{name}}} in the command")
         clean.append(item)
+    inside = quoted_placeholders(command, seen)
+    if inside:
+        names = ", ".join(f"{{{name}}}" for name in sorted(inside))
+        raise TemplateError(
+            f"{names} stands inside quotes; write it bare: each value is quoted for you"
+        )
     return clean
 
 
@@ -87,6 +117,8 @@ def render(command: str, parameters: list[dict[str, Any]], values: Any) -> str:
     if not isinstance(values, dict):
         raise TemplateError("params must be an object")
     declared = {spec["name"]: spec for spec in parameters}
+    if quoted_placeholders(command, set(declared)):
+        raise TemplateError("the template has a placeholder inside quotes")
     unknown = set(values) - set(declared)
     if unknown:
         raise TemplateError(f"unknown parameters: {', '.join(sorted(unknown))}")

@@ -150,9 +150,11 @@ def record_result(
     replace_output: bool = False,
     sizes: dict[str, int] | None = None,
     started_at: float | None = None,
+    error_as_stderr: bool = False,
 ) -> None:
     """Store the final result. Idempotent: a result for a finished command changes nothing.
-    `replace_output` is the older dialect's whole-output result; `sizes` lets the agent
+    `replace_output` is the older dialect's whole-output result; `error_as_stderr` its
+    failure text, which becomes the stderr when none was streamed; `sizes` lets the agent
     prove every byte arrived (a shortfall answers offset_gap, nothing is stored)."""
     with transaction.atomic():
         command = _locked_command(agent=agent, command_id=command_id)
@@ -160,6 +162,8 @@ def record_result(
             return
         if replace_output:
             output.discard_output(command)
+        if error_as_stderr and command.stderr_end == 0:
+            chunks = [*chunks, output.Chunk(stream="stderr", data=error.encode(), offset=None)]
         output.apply_chunks(command, chunks)
         for stream, size in (sizes or {}).items():
             if getattr(command, f"{stream}_end") < size:

@@ -80,6 +80,15 @@ def delete_server(*, server: Server, user: AbstractBaseUser) -> None:
     server.delete()
 
 
+@transaction.atomic
+def set_agent_tags(*, agent: Agent, tags: list[str] | None, user: AbstractBaseUser) -> Agent:
+    if tags is not None:
+        agent.tags = tags
+        agent.save(update_fields=["tags"])
+        audit(user=user, action="agent.set_tags", target=agent, tags=tags)
+    return agent
+
+
 @dataclass
 class Registration:
     agent: Agent

@@ -1,5 +1,3 @@
-from typing import Any
-
 from rest_framework import serializers
 
 from tether.serializers import StrictInputMixin, TagList
@@ -69,8 +67,3 @@ class AgentSerializer(StrictInputMixin, serializers.ModelSerializer):
             "registered_at",
         ]
         read_only_fields = [f for f in fields if f != "tags"]
-
-    def update(self, instance: Agent, validated_data: dict[str, Any]) -> Agent:
-        instance.tags = validated_data.get("tags", instance.tags)
-        instance.save(update_fields=["tags"])
-        return instance

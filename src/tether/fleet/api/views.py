@@ -84,8 +84,16 @@ class AgentViewSet(
             qs = qs.filter(Q(hostname__icontains=search) | Q(server__name__icontains=search))
         if tag := params.get("tag"):
             # JSON containment is not portable to SQLite; tags lists are short.
-            qs = qs.filter(pk__in=[a.pk for a in qs.only("pk", "tags") if tag in a.tags])
+            tagged = [pk for pk, tags in qs.values_list("pk", "tags") if tag in (tags or [])]
+            qs = qs.filter(pk__in=tagged)
         return qs
+
+    def perform_update(self, serializer: AgentSerializer) -> None:
+        services.set_agent_tags(
+            agent=serializer.instance,
+            tags=serializer.validated_data.get("tags"),
+            user=self.request.user,
+        )
 
     @action(detail=True, methods=["post"])
     def send_command(self, request: Request, pk: str) -> Response:
