@@ -438,7 +438,7 @@ def register(agent):
         "rpc_port": agent.args.rpc_port,
         "signing": "hmac-sha256",
     }
-    backoff = Backoff(cap=REGISTER_BACKOFF_CAP)
+    backoff, refused_backoff = Backoff(), Backoff(cap=REGISTER_BACKOFF_CAP)
     while not agent.stopping.is_set():
         try:
             resp = agent.blocking_call(
@@ -448,6 +448,7 @@ def register(agent):
             log("warn", "registration failed, retrying", error=exc)
             agent.stopping.wait(backoff.next_delay())
             continue
+        backoff.reset()
         if resp.status in (200, 201) and resp.data.get("token") and resp.data.get("secret_key"):
             creds = {
                 "server": agent.client.server_url,
@@ -462,7 +463,7 @@ def register(agent):
             log("info", "registered", agent_id=creds["agent_id"], server=creds["server"])
             return True
         log("error", "registration refused", status=resp.status, error=resp.error_message())
-        agent.stopping.wait(backoff.next_delay())
+        agent.stopping.wait(refused_backoff.next_delay())
     return False
 
 
@@ -477,7 +478,7 @@ def poll_forever(agent):
     refused_backoff = Backoff(cap=REGISTER_BACKOFF_CAP)
     next_prune = time.monotonic() + PRUNE_INTERVAL
     while not agent.stopping.is_set():
-        wait = float(agent.config["long_poll_timeout"]) if agent.config_known else 0.0
+        wait = float(agent.config.get("long_poll_timeout") or 0) if agent.config_known else 0.0
         query = "wait=%s&version=%s" % (_seconds(wait), quote(__version__))
         path = "/api/agents/poll_commands/?" + query
         started = time.monotonic()
@@ -723,11 +724,11 @@ class Runner:
             run.entry["result"] = result
             run.entry["state"] = "done"
             self.agent.journal.save(run.entry)
+        self.agent.sender.add(run)
         fields = {"status": result["status"], "exit_code": result.get("exit_code")}
         if result.get("error"):
             fields["error"] = result["error"]
         log("info", "command finished", id=run.id, **fields)
-        self.agent.sender.add(run)
 
     def argv_for(self, spec):
         if spec.get("args"):
@@ -800,6 +801,7 @@ class Runner:
             if returncode is not None and returncode < 0:
                 result["error"] = "killed by signal %d" % -returncode
         if run.dropped:
+            result["truncated"] = True
             log("warn", "output truncated", id=run.id, dropped_bytes=run.dropped)
         if result["exit_code"] is None:
             del result["exit_code"]
@@ -880,7 +882,7 @@ class Runner:
 
     def store(self, run, stream, data, fd, cap):
         """Append to the spool up to the per-command cap (both streams together); past it the
-        bytes are only counted, and the sizes reported tell the server it was truncated."""
+        bytes are only counted, and the result says `truncated: true`."""
         room = cap - run.stored["stdout"] - run.stored["stderr"]
         keep = data if len(data) <= room else data[: max(0, room)]
         try:
@@ -1171,10 +1173,10 @@ class Sender:
         result = run.entry["result"]
         body = dict(result, append=True)
         if resend or run.progress_refused:
-            # The spool is gone, or the server takes no output for this command: sizes would
-            # only make it ask for bytes it will not get.
-            body.pop("stdout_size", None)
-            body.pop("stderr_size", None)
+            # The spool is gone, or the server takes no output for this command: claim only
+            # what it acknowledged, so that it does not ask for bytes it will not get.
+            body["stdout_size"] = run.acked["stdout"]
+            body["stderr_size"] = run.acked["stderr"]
         else:
             if max(run.pending("stdout"), run.pending("stderr")) > run.chunk_limit:
                 self.send_progress(run)  # too much for one call: output first, then the result

@@ -92,3 +92,14 @@ def test_template_parameters_cannot_inject_a_command(fleet: Fleet, tmp_path) -> 
     assert done["status"] == "succeeded"
     assert done["stdout"] == f"hello x; touch {target}\n"
     assert not target.exists()
+
+
+def test_output_past_the_cap_is_dropped_and_marked_truncated(fleet: Fleet) -> None:
+    # The test server keeps the default 16 MiB cap; 17 MiB of output crosses it.
+    command = fleet.run("head -c 17825792 /dev/zero | tr '\\0' 'x'", wait=60)
+    assert command["status"] == "succeeded"
+    assert command["truncated"] is True
+    stored = fleet.server.sql(
+        "SELECT stored_bytes FROM commands_command WHERE id = ?", command["id"]
+    )[0][0]
+    assert stored == 16 * 1024 * 1024

@@ -50,6 +50,8 @@ class ResultInput(ProgressInput):
     stdout_size = serializers.IntegerField(min_value=0, required=False)
     stderr_size = serializers.IntegerField(min_value=0, required=False)
     finished_at = serializers.FloatField(required=False, allow_null=True)
+    # The agent dropped output past max_output_bytes before sending it.
+    truncated = serializers.BooleanField(default=False)
     append = serializers.BooleanField(default=False)
 
     def validate(self, data: dict[str, Any]) -> dict[str, Any]:
@@ -113,6 +115,7 @@ class CommandResultView(AgentAPIView):
                 chunks=chunks,
                 replace_output=replace,
                 error_as_stderr=error_as_stderr and not replace,
+                truncated=values["truncated"],
                 sizes=sizes,
                 started_at=values.get("started_at"),
             )

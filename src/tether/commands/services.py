@@ -151,6 +151,7 @@ def record_result(
     sizes: dict[str, int] | None = None,
     started_at: float | None = None,
     error_as_stderr: bool = False,
+    truncated: bool = False,
 ) -> None:
     """Store the final result. Idempotent: a result for a finished command changes nothing.
     `replace_output` is the older dialect's whole-output result; `error_as_stderr` its
@@ -168,6 +169,7 @@ def record_result(
         for stream, size in (sizes or {}).items():
             if getattr(command, f"{stream}_end") < size:
                 raise output.gap(command, stream)
+        command.truncated = command.truncated or truncated
         _mark_running(command, started_at)
         _finish(command, status, exit_code=exit_code, error=error)
         command.save()
