@@ -58,8 +58,8 @@ ACK_DELAY = 0.05
 ORPHAN_PIPE_GRACE = 2.0  # background children holding the pipes after the command exited
 SHUTDOWN_FLUSH = 5.0
 OFFSET_SAVE_INTERVAL = 2.0
-JOURNAL_KEEP_SECONDS = 7 * 86400
-PRUNE_INTERVAL = 6 * 3600
+JOURNAL_KEEP_SECONDS = 86400  # the server never hands out a command again once it has its result
+PRUNE_INTERVAL = 3600
 
 # Used until the server sends its own; the first poll of a restarted agent uses wait=0.
 DEFAULT_REMOTE_CONFIG = {
@@ -291,7 +291,7 @@ class Journal:
             return b""
 
     def prune(self):
-        """Forget reported commands after a week (by file age), and spool files nobody owns."""
+        """Forget reported commands after a day (by file age), and spool files nobody owns."""
         cutoff = time.time() - JOURNAL_KEEP_SECONDS
         with self.lock:
             reported = list(self.reported)

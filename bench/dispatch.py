@@ -105,12 +105,14 @@ def main() -> None:
     try:
         fleet = Fleet(server, server.login("admin", ADMIN_PASSWORD), tmp)
         fleet.start_agent()
+        time.sleep(2)  # let the agent settle into its idle long-poll before measuring memory
+        agent_rss_fresh = rss_mib(fleet.agent_proc.proc.pid)
         for _ in range(args.warmup):
             fleet.run("true")
-        time.sleep(2)  # let the agent settle into its idle long-poll before measuring memory
-        agent_rss = rss_mib(fleet.agent_proc.proc.pid)
 
         results = {mode: measure(fleet, args.count, mode) for mode in ("db", "sse")}
+        time.sleep(2)
+        agent_rss = rss_mib(fleet.agent_proc.proc.pid)
         server_rss = rss_mib(server.proc.pid)
     finally:
         if fleet.agent_proc and fleet.agent_proc.proc:
@@ -125,7 +127,11 @@ def main() -> None:
         print(f"  {label}:")
         for name, values in results[mode].items():
             print(f"    {name:14s} {percentiles(values)}")
-    print(f"  agent RSS idle {agent_rss:.1f} MiB   server RSS {server_rss:.1f} MiB")
+    total = args.warmup + 2 * args.count
+    print(
+        f"  agent RSS idle: {agent_rss_fresh:.1f} MiB fresh, {agent_rss:.1f} MiB after "
+        f"{total} commands   server RSS {server_rss:.1f} MiB"
+    )
 
 
 if __name__ == "__main__":
