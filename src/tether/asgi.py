@@ -8,6 +8,8 @@ view and none for the async long-poll. Everything else goes through the full sta
 """
 
 import asyncio
+import contextvars
+import json
 import logging
 import os
 from typing import Any
@@ -44,7 +46,53 @@ def _call_sync_view(func: Any, request: HttpRequest, args: Any, kwargs: Any) -> 
 
 
 class TetherASGIHandler(ASGIHandler):
+    # Per request (each ASGI call runs in its own task, so its own context).
+    too_large: contextvars.ContextVar[bool] = contextvars.ContextVar("too_large", default=False)
+
+    async def handle(self, scope: dict, receive: Any, send: Any) -> None:
+        """Refuse a body over the largest limit before reading any of it: Django's ASGI
+        handler would otherwise spool it whole, to memory and then to disk."""
+        length = dict(scope.get("headers") or []).get(b"content-length", b"0")
+        if length.isdigit() and int(length) > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
+            from tether.errors import PayloadTooLarge, error_body
+
+            exc = PayloadTooLarge(settings.DATA_UPLOAD_MAX_MEMORY_SIZE)
+            body = json.dumps(error_body(exc.error_code, str(exc.detail), **exc.extra)).encode()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
+                }
+            )
+            await send({"type": "http.response.body", "body": body})
+            return
+        await super().handle(scope, receive, send)
+
+    async def read_body(self, receive: Any) -> Any:
+        """Stop a body sent without a length (chunked) at the same limit; the request is then
+        answered 413 by get_response_async."""
+        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        seen = 0
+
+        async def bounded_receive() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                self.too_large.set(True)
+                return {"type": "http.request", "body": b"", "more_body": False}
+            return message
+
+        self.too_large.set(False)
+        return await super().read_body(bounded_receive)
+
     async def get_response_async(self, request: HttpRequest) -> HttpResponse:
+        if self.too_large.get():
+            from tether.errors import json_error
+
+            limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+            return json_error("too_large", f"request body is larger than {limit} bytes", 413)
         if request.path_info.startswith(AGENT_PREFIX):
             set_urlconf(settings.ROOT_URLCONF)
             try:

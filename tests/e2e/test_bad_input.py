@@ -1,5 +1,6 @@
 """Bad input, in one table: each case gets a clear 4xx JSON error and changes nothing."""
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -291,3 +292,38 @@ def test_bad_input_is_refused_and_changes_nothing(world: World, case: str) -> No
     if status != 404 or not case.startswith("files"):
         assert isinstance(body, dict) and set(body["error"]) >= {"code", "message"}, body
     assert fingerprint(world) == before
+
+
+def test_a_body_over_every_limit_is_refused_before_it_is_read(tether: TetherServer) -> None:
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", tether.port, timeout=10)
+    conn.putrequest("POST", "/api/agents/register/")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(10**10))
+    conn.endheaders()
+    response = conn.getresponse()
+    assert response.status == 413
+    assert json.loads(response.read())["error"]["code"] == "too_large"
+
+
+def test_a_chunked_body_over_every_limit_is_refused(tether: TetherServer) -> None:
+    import http.client
+
+    def body():
+        for _ in range(40):
+            yield b"x" * (1024 * 1024)
+
+    conn = http.client.HTTPConnection("127.0.0.1", tether.port, timeout=30)
+    # The server may answer and close before the client has sent it all.
+    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+        conn.request(
+            "POST",
+            "/api/agents/register/",
+            body=body(),
+            encode_chunked=True,
+            headers={"Content-Type": "application/json"},
+        )
+    response = conn.getresponse()
+    assert response.status == 413
+    assert Api(tether.url).get("/healthz")[0] == 200
