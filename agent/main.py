@@ -701,12 +701,32 @@ class Runner:
     def cancel(self, cid):
         run = self.agent.journal.get(cid)
         if run is None:
+            if not SAFE_ID.match(cid):
+                return
+            if self.agent.journal.knows(cid):
+                self.agent.sender.redelivered(cid)  # reported already: say so again
+            else:
+                self.cancel_unknown(cid)
             return
         log("info", "cancel requested", id=cid)
         # The worker picks a run up or a cancel arrives: whichever takes the lock first wins.
         run.cancel_requested = True  # a running command is killed within one select tick
         if run.state == "accepted":
             self.finish_unstarted(run, "cancelled", "cancelled before it started")
+
+    def cancel_unknown(self, cid):
+        """A cancel for a command this agent never received (its delivery was lost): journal
+        the id, so that a late delivery does not run it, and report it cancelled."""
+        entry = {"id": cid, "spec": {"id": cid}, "state": "accepted", "accepted_at": time.time()}
+        run = Run(entry)
+        try:
+            self.agent.journal.save(entry)
+        except OSError as exc:
+            log("error", "cannot journal the command", id=cid, error=exc)
+            return
+        self.agent.journal.add(run)
+        log("info", "cancel for a command never received", id=cid)
+        self.finish_unstarted(run, "cancelled", "cancelled before the agent received it")
 
     def finish_unstarted(self, run, status, error):
         now = time.time()
@@ -731,7 +751,7 @@ class Runner:
         log("info", "command finished", id=run.id, **fields)
 
     def argv_for(self, spec):
-        if spec.get("args"):
+        if spec.get("args") is not None:  # an empty list still means argv, not a shell
             return [spec["command"]] + [str(a) for a in spec["args"]]
         return self.shell + [spec["command"]]
 

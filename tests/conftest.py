@@ -76,6 +76,13 @@ def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
         proc.wait(timeout=15)
 
 
+@pytest.fixture(autouse=True)
+def _database_work_in_the_test_thread(settings: Any) -> None:
+    """In-process tests run inside a transaction on the test's own connection; the server's
+    database thread pool would not see their rows (e2e servers keep the pool)."""
+    settings.DB_THREADS = 0
+
+
 def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
     for proc in _processes:
         if proc.poll() is None:

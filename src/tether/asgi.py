@@ -3,8 +3,11 @@
 Agent endpoints are the hot path (every poll, every output chunk, every result), and they
 use none of the human-facing middleware (sessions, CSRF, messages, clickjacking): under
 ASGI each of those costs two thread hops per request, about 3 ms in all on this stack. So
-agent views are called directly, resolved by Django's own URLconf, with one hop for a sync
-view and none for the async long-poll. Everything else goes through the full stack.
+agent views are called directly, resolved by Django's own URLconf, on the small database
+thread pool (tether.db). Everything else goes through the full stack.
+
+Request bodies are bounded here, before Django reads them: results (whose older dialect
+carries the whole output) up to MAX_RESULT_BYTES, everything else up to MAX_REQUEST_BYTES.
 """
 
 import asyncio
@@ -12,18 +15,30 @@ import contextvars
 import json
 import logging
 import os
+import re
 from typing import Any
-
-from asgiref.sync import sync_to_async
-from django.conf import settings
-from django.core.handlers.asgi import ASGIHandler
-from django.http import HttpRequest, HttpResponse
-from django.urls import Resolver404, get_resolver, set_urlconf
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tether.settings")
 
+import django  # noqa: E402
+
+django.setup(set_prefix=False)
+
+from django.conf import settings  # noqa: E402
+from django.core.handlers.asgi import ASGIHandler  # noqa: E402
+from django.http import HttpRequest, HttpResponse  # noqa: E402
+from django.urls import Resolver404, get_resolver, set_urlconf  # noqa: E402
+
+from tether.db import run_db  # noqa: E402
+from tether.errors import error_body, json_error, server_error  # noqa: E402
+
 log = logging.getLogger("tether.agent_api")
 AGENT_PREFIX = "/api/agents/"
+RESULT_PATH = re.compile(r"^/api/agents/commands?/\d+/result/$")
+
+
+def body_limit(path: str) -> int:
+    return settings.MAX_RESULT_BYTES if RESULT_PATH.match(path) else settings.MAX_REQUEST_BYTES
 
 
 def is_agent_endpoint(func: Any) -> bool:
@@ -32,32 +47,30 @@ def is_agent_endpoint(func: Any) -> bool:
 
 
 def _call_sync_view(func: Any, request: HttpRequest, args: Any, kwargs: Any) -> HttpResponse:
-    from tether.errors import server_error
+    response = func(request, *args, **kwargs)
+    if callable(getattr(response, "render", None)):
+        response = response.render()
+    return response
 
-    try:
-        response = func(request, *args, **kwargs)
-        if callable(getattr(response, "render", None)):
-            response = response.render()
-        return response
-    except Exception:
-        # DRF views answer their own errors; this is a bug: log it, show nothing of it.
-        log.exception("agent endpoint failed: %s %s", request.method, request.path)
-        return server_error(request)
+
+def _too_large(limit: int) -> bytes:
+    return json.dumps(
+        error_body("too_large", f"request body is larger than {limit} bytes", limit=limit)
+    ).encode()
 
 
 class TetherASGIHandler(ASGIHandler):
-    # Per request (each ASGI call runs in its own task, so its own context).
+    # Per request (each ASGI call runs in a task of its own, so a context of its own): the
+    # body limit of its path, and whether a body without a length ran past it.
+    body_limit: contextvars.ContextVar[int] = contextvars.ContextVar("body_limit", default=0)
     too_large: contextvars.ContextVar[bool] = contextvars.ContextVar("too_large", default=False)
 
     async def handle(self, scope: dict, receive: Any, send: Any) -> None:
-        """Refuse a body over the largest limit before reading any of it: Django's ASGI
+        """Refuse an absurd declared length before reading any of the body: Django's ASGI
         handler would otherwise spool it whole, to memory and then to disk."""
+        ceiling = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
         length = dict(scope.get("headers") or []).get(b"content-length", b"0")
-        if length.isdigit() and int(length) > settings.DATA_UPLOAD_MAX_MEMORY_SIZE:
-            from tether.errors import PayloadTooLarge, error_body
-
-            exc = PayloadTooLarge(settings.DATA_UPLOAD_MAX_MEMORY_SIZE)
-            body = json.dumps(error_body(exc.error_code, str(exc.detail), **exc.extra)).encode()
+        if length.isdigit() and int(length) > ceiling:
             await send(
                 {
                     "type": "http.response.start",
@@ -65,34 +78,38 @@ class TetherASGIHandler(ASGIHandler):
                     "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
                 }
             )
-            await send({"type": "http.response.body", "body": body})
+            await send({"type": "http.response.body", "body": _too_large(ceiling)})
             return
+        self.body_limit.set(body_limit(scope.get("path", "")))
+        self.too_large.set(False)
         await super().handle(scope, receive, send)
 
     async def read_body(self, receive: Any) -> Any:
-        """Stop a body sent without a length (chunked) at the same limit; the request is then
-        answered 413 by get_response_async."""
-        limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        """Keep at most the path's limit of a body. Past it the rest is read and dropped (so
+        the client gets its 413 rather than a broken pipe), and past the ceiling no longer
+        read at all."""
+        limit = self.body_limit.get() or settings.MAX_REQUEST_BYTES
+        ceiling = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
         seen = 0
 
         async def bounded_receive() -> dict:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > limit:
-                self.too_large.set(True)
-                return {"type": "http.request", "body": b"", "more_body": False}
-            return message
+            if seen <= limit:
+                return message
+            self.too_large.set(True)
+            more = message.get("more_body", False) and seen <= ceiling
+            return {"type": message["type"], "body": b"", "more_body": more}
 
-        self.too_large.set(False)
         return await super().read_body(bounded_receive)
 
     async def get_response_async(self, request: HttpRequest) -> HttpResponse:
         if self.too_large.get():
-            from tether.errors import json_error
-
-            limit = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
-            return json_error("too_large", f"request body is larger than {limit} bytes", 413)
+            limit = self.body_limit.get()
+            return json_error(
+                "too_large", f"request body is larger than {limit} bytes", 413, limit=limit
+            )
         if request.path_info.startswith(AGENT_PREFIX):
             set_urlconf(settings.ROOT_URLCONF)
             try:
@@ -100,22 +117,22 @@ class TetherASGIHandler(ASGIHandler):
             except Resolver404:
                 match = None
             if match is not None and is_agent_endpoint(match.func):
-                if asyncio.iscoroutinefunction(match.func):
-                    response = await match.func(request, *match.args, **match.kwargs)
-                else:
-                    response = await sync_to_async(_call_sync_view)(
-                        match.func, request, match.args, match.kwargs
-                    )
+                response = await self._agent_response(request, match)
                 response._resource_closers.append(request.close)
                 return response
         return await super().get_response_async(request)
 
+    async def _agent_response(self, request: HttpRequest, match: Any) -> HttpResponse:
+        try:
+            if asyncio.iscoroutinefunction(match.func):
+                return await match.func(request, *match.args, **match.kwargs)
+            return await run_db(_call_sync_view, match.func, request, match.args, match.kwargs)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # Views answer their own errors; this is a bug: log it, show nothing of it.
+            log.exception("agent endpoint failed: %s %s", request.method, request.path)
+            return server_error(request)
 
-def get_application() -> TetherASGIHandler:
-    import django
 
-    django.setup(set_prefix=False)
-    return TetherASGIHandler()
-
-
-application = get_application()
+application = TetherASGIHandler()

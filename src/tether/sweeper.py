@@ -3,8 +3,9 @@
 import asyncio
 import logging
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
+
+from tether.db import run_db
 
 log = logging.getLogger("tether.sweeper")
 
@@ -22,7 +23,7 @@ async def run_sweeper() -> None:
     while True:
         await asyncio.sleep(settings.SWEEP_INTERVAL)
         try:
-            offline, lost = await sync_to_async(sweep_once)()
+            offline, lost = await run_db(sweep_once)
         except Exception:
             log.exception("sweep failed")
             continue

@@ -1,5 +1,9 @@
 """POST /api/commands/{id}/cancel/: queued ones at once, live ones through the agent."""
 
+from datetime import timedelta
+
+from django.utils import timezone
+
 from tether.accounts.models import AuditEvent
 from tether.commands import services
 from tether.commands.models import Command
@@ -105,3 +109,34 @@ class CancelTestCase(BaseTestCase):
         command = self.queue()
 
         self.assertError(self.client.get(f"/api/commands/{command.pk}/cancel/"), 405)
+
+
+class CancelDeliveryTestCase(BaseTestCase):
+    """How a pending cancel reaches the agent: once, then again only every CANCEL_RESEND."""
+
+    def test_a_pending_cancel_is_sent_once_then_resent_later(self) -> None:
+        command = self.running()
+        services.cancel_command(command=command, user=self.alice)
+
+        self.assertEqual(services.claim_commands(agent=self.agent).cancel, [command.pk])
+        # Told already: the next poll is not answered early for it.
+        self.assertEqual(services.claim_commands(agent=self.agent).cancel, [])
+
+        Command.objects.filter(pk=command.pk).update(
+            cancel_sent_at=timezone.now() - services.CANCEL_RESEND - timedelta(seconds=1)
+        )
+        self.assertEqual(services.claim_commands(agent=self.agent).cancel, [command.pk])
+
+    def test_a_cancelled_command_whose_lease_ran_out_is_not_handed_out_again(self) -> None:
+        command = self.delivered()
+        services.cancel_command(command=command, user=self.alice)
+        Command.objects.filter(pk=command.pk).update(
+            lease_expires_at=timezone.now() - timedelta(seconds=1), cancel_sent_at=None
+        )
+
+        delivery = services.claim_commands(agent=self.agent)
+
+        self.assertEqual(delivery.commands, [])
+        self.assertEqual(delivery.cancel, [command.pk])
+        command.refresh_from_db()
+        self.assertEqual(command.delivery_count, 1)

@@ -8,7 +8,7 @@ from django.utils import timezone
 from tether.commands.models import Command
 from tether.commands.services import mark_lost_commands
 from tether.fleet.models import Agent
-from tether.fleet.services import mark_offline_agents, record_heartbeat
+from tether.fleet.services import mark_offline_agents, record_heartbeat, register_agent
 
 from ..base import BaseTestCase
 
@@ -96,16 +96,55 @@ class MarkLostCommandsTestCase(BaseTestCase):
         self.assertEqual(Command.objects.get(pk=mine.pk).status, "lost")
         self.assertEqual(Command.objects.get(pk=bobs.pk).status, "delivered")
 
-    def test_a_late_result_does_not_revive_a_lost_command(self) -> None:
+    def test_a_late_result_replaces_lost_with_what_really_happened(self) -> None:
+        running = self.running()
+        self.set_agent("offline", silent_for=LOST_AFTER + 5)
+        mark_lost_commands()
+        self.assertEqual(Command.objects.get(pk=running.pk).status, "lost")
+
+        self.progress(running.pk, stdout="late\n", offset_stdout=0)
+        response = self.result(running.pk, success=True, exit_code=0, stdout_size=5)
+
+        self.assertEqual(response.status_code, 200, response.content)
+        running.refresh_from_db()
+        self.assertEqual((running.status, running.exit_code), ("succeeded", 0))
+        self.assertEqual(self.read(running.pk)["stdout"], "late\n")
+
+    def test_a_second_lost_report_changes_nothing(self) -> None:
         running = self.running()
         self.set_agent("offline", silent_for=LOST_AFTER + 5)
         mark_lost_commands()
 
-        response = self.result(running.pk, success=True, exit_code=0)
+        response = self.result(running.pk, status="lost", success=False)
 
         self.assertEqual(response.status_code, 200, response.content)
+        self.assertEqual(Command.objects.get(pk=running.pk).status, "lost")
+
+    def test_it_marks_a_command_past_its_report_deadline_lost(self) -> None:
+        running = self.running()
+        Command.objects.filter(pk=running.pk).update(
+            report_deadline=timezone.now() - timedelta(seconds=1)
+        )
+
+        self.assertEqual(mark_lost_commands(), 1)
+
+        self.assertEqual(Command.objects.get(pk=running.pk).status, "lost")
+
+    def test_it_leaves_a_command_within_its_report_deadline_alone(self) -> None:
+        running = self.running()
+
+        self.assertEqual(mark_lost_commands(), 0)
+
         running.refresh_from_db()
-        self.assertEqual(running.status, "lost")
+        self.assertEqual(running.status, "running")
+        self.assertGreater(running.report_deadline, timezone.now())
+
+    def test_registering_again_marks_the_agents_active_commands_lost(self) -> None:
+        running = self.running()
+
+        register_agent(server=self.server, hostname=self.agent.hostname)
+
+        self.assertEqual(Command.objects.get(pk=running.pk).status, "lost")
 
     def test_it_works_through_the_offline_sweep(self) -> None:
         running = self.running()

@@ -10,10 +10,15 @@ S = Command.Status
 
 class StatesTestCase(SimpleTestCase):
     def test_final_states_are_terminal(self) -> None:
-        for final in FINAL:
+        for final in FINAL - {S.LOST}:
             for new in S.values:
                 with self.subTest(current=final, new=new):
                     self.assertFalse(can_transition(final, new))
+
+    def test_lost_yields_only_to_an_outcome_the_agent_reports(self) -> None:
+        for new in S.values:
+            with self.subTest(new=new):
+                self.assertEqual(can_transition(S.LOST, new), new in FINAL - {S.LOST})
 
     def test_it_knows_which_states_are_final(self) -> None:
         self.assertEqual(

@@ -103,3 +103,11 @@ def test_output_past_the_cap_is_dropped_and_marked_truncated(fleet: Fleet) -> No
         "SELECT stored_bytes FROM commands_command WHERE id = ?", command["id"]
     )[0][0]
     assert stored == 16 * 1024 * 1024
+
+
+def test_empty_args_still_mean_argv_not_a_shell(fleet: Fleet, tmp_path) -> None:
+    target = tmp_path / "shell-ran"
+    command = fleet.run(f"/bin/true; touch {target}", args=[])
+    assert command["status"] == "failed"
+    assert command["exit_code"] == 127
+    assert not target.exists()

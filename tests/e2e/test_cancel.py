@@ -28,3 +28,21 @@ def test_cancelling_a_finished_command_is_a_conflict(fleet: Fleet) -> None:
     assert status == 409
     assert body["error"]["code"] == "already_final"
     assert fleet.command(command["id"])["status"] == "succeeded"
+
+
+def test_a_cancel_for_a_command_the_agent_never_received_ends_cancelled(fleet: Fleet) -> None:
+    fleet.agent_proc.kill()
+    command = fleet.send("echo should-never-run")
+    # As if the poll reply carrying it was lost: delivered, with a long lease left.
+    fleet.server.sql(
+        "UPDATE commands_command SET status = 'delivered', delivery_count = 1, "
+        "lease_expires_at = datetime('now', '+1 hour') WHERE id = ?",
+        command["id"],
+    )
+    fleet.agent_proc.start()
+    fleet.wait_online()
+    status, _ = fleet.api.post(f"/api/commands/{command['id']}/cancel/")
+    assert status == 202
+    done = fleet.wait_final(command["id"], timeout=15)
+    assert done["status"] == "cancelled"
+    assert done["stdout"] == ""

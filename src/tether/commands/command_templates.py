@@ -16,17 +16,22 @@ class TemplateError(ValueError):
 
 
 def quoted_placeholders(command: str, names: set[str]) -> set[str]:
-    """Declared placeholders that stand inside '...' or "..." in the command line.
-
-    A quoted value is safe only as a word of its own: inside single quotes it could close
-    them, inside double quotes `$(...)` would still run. Such templates are refused.
-    """
+    """Declared placeholders that stand where a quoted value is not safe: inside '...' or
+    "..." (single quotes could be closed, `$(...)` in double quotes would still run), after a
+    backslash, or anywhere after a heredoc marker (a heredoc body is not parsed as words).
+    Such templates are refused."""
     found: set[str] = set()
+    heredoc = re.search(r"<<-?\s*['\"]?\w", command)
+    if heredoc:
+        found |= {m.group(1) for m in PLACEHOLDER.finditer(command, heredoc.start())} & names
     quote = ""  # "", "'" or '"'
     i = 0
     while i < len(command):
         char = command[i]
         if char == "\\" and quote != "'":
+            match = PLACEHOLDER.match(command, i + 1)
+            if match and match.group(1) in names:
+                found.add(match.group(1))
             i += 2
             continue
         if quote and char == "{":
@@ -83,7 +88,8 @@ def validate_parameters(command: str, parameters: Any) -> list[dict[str, Any]]:
     if inside:
         names = ", ".join(f"{{{name}}}" for name in sorted(inside))
         raise TemplateError(
-            f"{names} stands inside quotes; write it bare: each value is quoted for you"
+            f"{names} stands inside quotes, after a backslash or in a heredoc; write it as a "
+            "word of its own: each value is quoted for you"
         )
     return clean
 
@@ -118,7 +124,7 @@ def render(command: str, parameters: list[dict[str, Any]], values: Any) -> str:
         raise TemplateError("params must be an object")
     declared = {spec["name"]: spec for spec in parameters}
     if quoted_placeholders(command, set(declared)):
-        raise TemplateError("the template has a placeholder inside quotes")
+        raise TemplateError("the template has a placeholder where quoting cannot protect it")
     unknown = set(values) - set(declared)
     if unknown:
         raise TemplateError(f"unknown parameters: {', '.join(sorted(unknown))}")

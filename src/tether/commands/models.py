@@ -39,6 +39,11 @@ class Command(models.Model):
     stored_bytes = models.BigIntegerField(default=0)
     truncated = models.BooleanField(default=False)
     cancel_requested = models.BooleanField(default=False)
+    # When the agent was last told to cancel: told again every CANCEL_RESEND seconds, so a
+    # pending cancel wakes the long-poll once, not on every poll.
+    cancel_sent_at = models.DateTimeField(null=True, blank=True)
+    # Past this, an active command whose agent never reported is lost (see mark_lost_commands).
+    report_deadline = models.DateTimeField(null=True, blank=True)
     delivery_count = models.PositiveIntegerField(default=0)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"

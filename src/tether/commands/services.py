@@ -55,14 +55,26 @@ class Delivery:
     cancel: list[int]
 
 
+CANCEL_RESEND = timedelta(seconds=5)
+
+
+def _report_deadline(start: datetime, timeout: int) -> datetime:
+    return start + timedelta(seconds=timeout + settings.COMMAND_LEASE + settings.LOST_GRACE)
+
+
 def claim_commands(*, agent: Agent, limit: int = 20) -> Delivery:
     """Hand out queued commands (and delivered ones whose lease ran out) to the agent, and
-    list the running ones it must cancel."""
+    the cancels it has not been told of lately. A command with a cancel pending is never
+    handed out again: the agent is told to cancel it instead."""
     now = timezone.now()
-    due = Q(status=S.QUEUED) | Q(status=S.DELIVERED, lease_expires_at__lt=now)
-    wanted = due | Q(cancel_requested=True, status__in=states.ACTIVE)
+    due = (Q(status=S.QUEUED) | Q(status=S.DELIVERED, lease_expires_at__lt=now)) & Q(
+        cancel_requested=False
+    )
+    cancel_due = Q(cancel_requested=True, status__in=states.ACTIVE) & (
+        Q(cancel_sent_at__isnull=True) | Q(cancel_sent_at__lt=now - CANCEL_RESEND)
+    )
     # Most polls find nothing: answer those with one read, without taking the write lock.
-    if not Command.objects.filter(wanted, agent=agent).exists():
+    if not Command.objects.filter(due | cancel_due, agent=agent).exists():
         return Delivery(commands=[], cancel=[])
     with transaction.atomic():
         ids = list(
@@ -72,18 +84,25 @@ def claim_commands(*, agent: Agent, limit: int = 20) -> Delivery:
         )
         commands: list[Command] = []
         if ids:
-            Command.objects.filter(id__in=ids).update(
+            # `due` again in the UPDATE: a row cancelled or finished since the read above is
+            # left alone (PostgreSQL re-checks the condition under the row lock).
+            Command.objects.filter(due, id__in=ids).update(
                 status=S.DELIVERED,
                 delivered_at=now,
                 lease_expires_at=now + timedelta(seconds=settings.COMMAND_LEASE),
                 delivery_count=F("delivery_count") + 1,
             )
-            commands = list(Command.objects.filter(id__in=ids).order_by("created_at", "id"))
-        cancel = list(
-            Command.objects.filter(
-                agent=agent, cancel_requested=True, status__in=states.ACTIVE
-            ).values_list("id", flat=True)
-        )
+            commands = list(
+                Command.objects.filter(id__in=ids, status=S.DELIVERED, delivered_at=now).order_by(
+                    "created_at", "id"
+                )
+            )
+            for command in commands:
+                command.report_deadline = _report_deadline(now, command.timeout)
+            Command.objects.bulk_update(commands, ["report_deadline"])
+        cancel = list(Command.objects.filter(cancel_due, agent=agent).values_list("id", flat=True))
+        if cancel:
+            Command.objects.filter(id__in=cancel).update(cancel_sent_at=now)
     return Delivery(commands=commands, cancel=cancel)
 
 
@@ -118,6 +137,7 @@ def _mark_running(command: Command, started_at: float | None) -> None:
     if command.status in (S.QUEUED, S.DELIVERED):
         command.status = S.RUNNING
         command.started_at = _agent_time(started_at) or timezone.now()
+        command.report_deadline = _report_deadline(command.started_at, command.timeout)
 
 
 def record_progress(
@@ -131,7 +151,7 @@ def record_progress(
     Raises Command.DoesNotExist for an id that is not this agent's."""
     with transaction.atomic():
         command = _locked_command(agent=agent, command_id=command_id)
-        if not states.is_final(command.status):
+        if states.takes_agent_reports(command.status):
             output.apply_chunks(command, chunks)
             _mark_running(command, started_at)
             command.save()
@@ -159,7 +179,7 @@ def record_result(
     prove every byte arrived (a shortfall answers offset_gap, nothing is stored)."""
     with transaction.atomic():
         command = _locked_command(agent=agent, command_id=command_id)
-        if states.is_final(command.status):
+        if not states.takes_agent_reports(command.status) or command.status == status:
             return
         if replace_output:
             output.discard_output(command)
@@ -207,24 +227,40 @@ def cancel_command(*, command: Command, user: AbstractBaseUser | None) -> Comman
 
 
 def mark_lost_commands() -> int:
-    """Commands still delivered/running on an agent that has been offline for longer than
-    the grace period will never report: they are lost."""
-    cutoff = offline_cutoff() - timedelta(seconds=settings.LOST_GRACE)
-    silent = Q(agent__last_heartbeat__lt=cutoff) | Q(agent__last_heartbeat__isnull=True)
-    ids = list(
-        Command.objects.filter(silent, status__in=states.ACTIVE)
-        .exclude(agent__status__in=[Agent.Status.ONLINE, Agent.Status.PENDING])
-        .values_list("id", flat=True)
+    """Active commands that will never report are lost: their agent has been offline for
+    longer than the grace period, or their report deadline (start + timeout + lease + grace)
+    has passed. A late report from the agent still wins (see states.ALLOWED)."""
+    now = timezone.now()
+    cutoff = offline_cutoff(now) - timedelta(seconds=settings.LOST_GRACE)
+    away = (Q(agent__last_heartbeat__lt=cutoff) | Q(agent__last_heartbeat__isnull=True)) & ~Q(
+        agent__status__in=[Agent.Status.ONLINE, Agent.Status.PENDING]
     )
+    overdue = Q(report_deadline__lt=now)
+    lost = Command.objects.filter(away | overdue, status__in=states.ACTIVE)
+    ids = list(lost.values_list("id", flat=True))
     if not ids:
         return 0
-    with transaction.atomic():
-        count = Command.objects.filter(id__in=ids, status__in=states.ACTIVE).update(
-            status=S.LOST,
-            finished_at=timezone.now(),
-            error="the agent went offline while the command ran",
-            lease_expires_at=None,
-        )
+    count = _mark_lost(
+        Command.objects.filter(away | overdue, id__in=ids, status__in=states.ACTIVE),
+        "the agent stopped reporting on the command (offline, or past its timeout)",
+    )
     for command_id in ids:
         wakeups.notify(wakeups.command_key(command_id))
+    return count
+
+
+def _mark_lost(commands: Any, reason: str) -> int:
+    return commands.update(
+        status=S.LOST, finished_at=timezone.now(), error=reason, lease_expires_at=None
+    )
+
+
+def mark_commands_lost_on_reregister(*, agent: Agent) -> int:
+    """An agent that registers again has lost its state: what it was running will not be
+    reported under its old identity. A report that comes later still wins."""
+    active = Command.objects.filter(agent=agent, status__in=states.ACTIVE)
+    ids = list(active.values_list("id", flat=True))
+    count = _mark_lost(active, "the agent registered again while the command was active")
+    for command_id in ids:
+        wakeups.notify_on_commit(wakeups.command_key(command_id))
     return count

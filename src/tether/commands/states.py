@@ -15,6 +15,9 @@ ALLOWED: dict[str, frozenset[str]] = {
     # delivered -> delivered: handed out again after its lease ran out.
     S.DELIVERED: frozenset({S.DELIVERED, S.RUNNING}) | FINAL,
     S.RUNNING: FINAL,
+    # `lost` is the server's guess, not the agent's word: an agent that comes back from a
+    # partition and reports the real outcome is believed.
+    S.LOST: FINAL - {S.LOST},
 }
 
 
@@ -24,3 +27,8 @@ def can_transition(current: str, new: str) -> bool:
 
 def is_final(status: str) -> bool:
     return status in FINAL
+
+
+def takes_agent_reports(status: str) -> bool:
+    """Whether progress and results from the agent still change the command."""
+    return not is_final(status) or status == S.LOST

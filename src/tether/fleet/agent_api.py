@@ -3,7 +3,6 @@
 import time
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http import FileResponse, HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
@@ -18,6 +17,7 @@ from rest_framework.views import APIView
 from tether import wakeups
 from tether.agent_views import AgentAPIView, agent_endpoint, check_body_size, error_response
 from tether.commands import services as command_services
+from tether.db import run_db
 from tether.errors import TetherError, json_error
 
 from . import services
@@ -161,7 +161,7 @@ async def poll_commands(request: HttpRequest) -> HttpResponse:
         return json_error("method_not_allowed", f"Method {request.method} not allowed.", 405)
     with wakeups.subscribe() as waiter:
         try:
-            agent, wait, delivery = await sync_to_async(_open_poll)(request, waiter)
+            agent, wait, delivery = await run_db(_open_poll, request, waiter)
         except exceptions.AuthenticationFailed:
             return json_error("authentication_failed", REFUSAL, 401)
         except exceptions.APIException as exc:
@@ -172,7 +172,7 @@ async def poll_commands(request: HttpRequest) -> HttpResponse:
             if remaining <= 0:
                 break
             await waiter.wait(min(remaining, settings.POLL_RECHECK))
-            delivery = await sync_to_async(command_services.claim_commands)(agent=agent)
+            delivery = await run_db(command_services.claim_commands, agent=agent)
     return JsonResponse(_poll_answer(delivery))
 
 

@@ -116,7 +116,7 @@ def register_agent(
     token = credentials.new_agent_token()
     secret_key = credentials.new_secret_key()
     now = timezone.now()
-    agent, _ = Agent.objects.update_or_create(
+    agent, created = Agent.objects.update_or_create(
         server=server,
         hostname=hostname,
         defaults={
@@ -131,6 +131,10 @@ def register_agent(
             "status": Agent.Status.PENDING,
         },
     )
+    if not created:
+        from tether.commands.services import mark_commands_lost_on_reregister
+
+        mark_commands_lost_on_reregister(agent=agent)
     return Registration(agent=agent, token=token, secret_key=secret_key)
 
 

@@ -11,7 +11,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from rest_framework import exceptions
@@ -20,6 +19,7 @@ from rest_framework.request import Request
 
 from tether import wakeups
 from tether.accounts.selectors import commands_visible_to
+from tether.db import run_db
 from tether.errors import json_error
 
 from .. import states
@@ -75,7 +75,7 @@ async def _events(command_id: int) -> AsyncIterator[str]:
     last_sent = time.monotonic()
     with wakeups.subscribe(wakeups.command_key(command_id)) as waiter:
         while True:
-            snap = await sync_to_async(_snapshot)(command_id, offsets)
+            snap = await run_db(_snapshot, command_id, offsets)
             for stream, offset, data in snap.chunks:
                 offsets[stream] = offset + len(data)
                 text = decoders[stream].decode(data)
@@ -113,7 +113,7 @@ async def command_stream(request: HttpRequest, command_id: int) -> HttpResponse:
     if request.method != "GET":
         return json_error("method_not_allowed", f"Method {request.method} not allowed.", 405)
     try:
-        await sync_to_async(_visible_command_id)(request, command_id)
+        await run_db(_visible_command_id, request, command_id)
     except exceptions.NotAuthenticated:
         return json_error("not_authenticated", "Authentication credentials were not provided.", 401)
     except exceptions.AuthenticationFailed as exc:

@@ -30,7 +30,7 @@ class ServerSerializer(StrictInputMixin, serializers.ModelSerializer):
         read_only_fields = ["id", "agents", "created_at"]
 
     def validate_name(self, value: str) -> str:
-        owner = self.context["request"].user
+        owner = self.instance.owner if self.instance else self.context["request"].user
         taken = Server.objects.filter(owner=owner, name=value)
         if self.instance is not None:
             taken = taken.exclude(pk=self.instance.pk)
