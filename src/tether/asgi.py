@@ -65,6 +65,15 @@ class TetherASGIHandler(ASGIHandler):
     body_limit: contextvars.ContextVar[int] = contextvars.ContextVar("body_limit", default=0)
     too_large: contextvars.ContextVar[bool] = contextvars.ContextVar("too_large", default=False)
 
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        """Agent requests skip Django's per-request ThreadSensitiveContext: it gives every
+        request a thread of its own for sync work, so each held long-poll would hold an idle
+        thread. Their database work runs on the pool in tether.db instead."""
+        if scope["type"] == "http" and scope.get("path", "").startswith(AGENT_PREFIX):
+            await self.handle(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
     async def handle(self, scope: dict, receive: Any, send: Any) -> None:
         """Refuse an absurd declared length before reading any of the body: Django's ASGI
         handler would otherwise spool it whole, to memory and then to disk."""

@@ -151,8 +151,9 @@ LOST_GRACE = env_float("TETHER_LOST_GRACE", 300)
 SWEEP_INTERVAL = env_float("TETHER_SWEEP_INTERVAL", min(HEARTBEAT_INTERVAL, 10))
 COMMAND_TIMEOUT_DEFAULT = env_int("TETHER_COMMAND_TIMEOUT_DEFAULT", 300)
 COMMAND_TIMEOUT_MAX = env_int("TETHER_COMMAND_TIMEOUT_MAX", 7 * 24 * 3600)
-# Threads (and so database connections) that serve agent endpoints and live streams.
-DB_THREADS = env_int("TETHER_DB_THREADS", 4)
+# Threads (and so database connections) that serve agent endpoints and live streams. SQLite
+# takes one writer at a time and makes a waiting connection sleep, so one thread is fastest.
+DB_THREADS = env_int("TETHER_DB_THREADS", 1 if IS_SQLITE else 8)
 # How often a held long-poll re-reads the queue, for commands queued by another process.
 POLL_RECHECK = env_float("TETHER_POLL_RECHECK", 2)
 SIGNATURE_WINDOW = env_int("TETHER_SIGNATURE_WINDOW", 300)

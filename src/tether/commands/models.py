@@ -42,7 +42,8 @@ class Command(models.Model):
     # When the agent was last told to cancel: told again every CANCEL_RESEND seconds, so a
     # pending cancel wakes the long-poll once, not on every poll.
     cancel_sent_at = models.DateTimeField(null=True, blank=True)
-    # Past this, an active command whose agent never reported is lost (see mark_lost_commands).
+    # Set when the agent starts the command (start + timeout + lease + grace): past it, a
+    # running command whose agent never reported is lost (see mark_lost_commands).
     report_deadline = models.DateTimeField(null=True, blank=True)
     delivery_count = models.PositiveIntegerField(default=0)
     created_by = models.ForeignKey(

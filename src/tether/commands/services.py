@@ -97,9 +97,6 @@ def claim_commands(*, agent: Agent, limit: int = 20) -> Delivery:
                     "created_at", "id"
                 )
             )
-            for command in commands:
-                command.report_deadline = _report_deadline(now, command.timeout)
-            Command.objects.bulk_update(commands, ["report_deadline"])
         cancel = list(Command.objects.filter(cancel_due, agent=agent).values_list("id", flat=True))
         if cancel:
             Command.objects.filter(id__in=cancel).update(cancel_sent_at=now)
