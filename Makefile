@@ -28,3 +28,4 @@ test: $(STAMP) lint
 
 bench: $(STAMP)
 	$(BIN)/python bench/dispatch.py
+	$(BIN)/python bench/held_polls.py

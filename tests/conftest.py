@@ -294,8 +294,11 @@ class Fleet:
         return wait_for(online, timeout=timeout, what="agent online")
 
     def send(self, command: str, **fields: Any) -> dict:
+        return self.send_to(self.agent_id, command, **fields)
+
+    def send_to(self, agent_id: int, command: str, **fields: Any) -> dict:
         status, body = self.api.post(
-            f"/api/agents/{self.agent_id}/send_command/", {"command": command, **fields}
+            f"/api/agents/{agent_id}/send_command/", {"command": command, **fields}
         )
         assert status == 201, body
         return body
