@@ -41,9 +41,17 @@ def body_limit(path: str) -> int:
     return settings.MAX_RESULT_BYTES if RESULT_PATH.match(path) else settings.MAX_REQUEST_BYTES
 
 
-def is_agent_endpoint(func: Any) -> bool:
-    view = getattr(func, "view_class", func)
-    return bool(getattr(view, "agent_endpoint", False))
+def agent_endpoint_match(path: str) -> Any:
+    """The URL match of an agent endpoint (a view marked `agent_endpoint`), else None."""
+    if not path.startswith(AGENT_PREFIX):
+        return None
+    set_urlconf(settings.ROOT_URLCONF)
+    try:
+        match = get_resolver().resolve(path)
+    except Resolver404:
+        return None
+    view = getattr(match.func, "view_class", match.func)
+    return match if getattr(view, "agent_endpoint", False) else None
 
 
 def _call_sync_view(func: Any, request: HttpRequest, args: Any, kwargs: Any) -> HttpResponse:
@@ -69,7 +77,7 @@ class TetherASGIHandler(ASGIHandler):
         """Agent requests skip Django's per-request ThreadSensitiveContext: it gives every
         request a thread of its own for sync work, so each held long-poll would hold an idle
         thread. Their database work runs on the pool in tether.db instead."""
-        if scope["type"] == "http" and scope.get("path", "").startswith(AGENT_PREFIX):
+        if scope["type"] == "http" and agent_endpoint_match(scope.get("path", "")):
             await self.handle(scope, receive, send)
         else:
             await super().__call__(scope, receive, send)
@@ -119,16 +127,11 @@ class TetherASGIHandler(ASGIHandler):
             return json_error(
                 "too_large", f"request body is larger than {limit} bytes", 413, limit=limit
             )
-        if request.path_info.startswith(AGENT_PREFIX):
-            set_urlconf(settings.ROOT_URLCONF)
-            try:
-                match = get_resolver().resolve(request.path_info)
-            except Resolver404:
-                match = None
-            if match is not None and is_agent_endpoint(match.func):
-                response = await self._agent_response(request, match)
-                response._resource_closers.append(request.close)
-                return response
+        match = agent_endpoint_match(request.path_info)
+        if match is not None:
+            response = await self._agent_response(request, match)
+            response._resource_closers.append(request.close)
+            return response
         return await super().get_response_async(request)
 
     async def _agent_response(self, request: HttpRequest, match: Any) -> HttpResponse:
