@@ -15,7 +15,6 @@ SLOW_SEQ = "seq 1 100000 | awk '{print} NR % 2000 == 0 {system(\"sleep 0.05\")}'
 @pytest.fixture
 def own_server(tmp_path: Path):
     server = TetherServer(tmp_path / "data").setup()
-    server.data_dir.mkdir(exist_ok=True)
     server.start()
     yield server
     server.kill()
