@@ -62,6 +62,7 @@ INSTALLED_APPS = [
     "tether.accounts",
     "tether.fleet",
     "tether.commands",
+    "tether.deploy",
 ]
 
 MIDDLEWARE = [
@@ -138,6 +139,7 @@ MAX_REQUEST_BYTES = env_int("TETHER_MAX_REQUEST_BYTES", 1024 * 1024)
 MAX_OUTPUT_BYTES = env_int("TETHER_MAX_OUTPUT_BYTES", 16 * 1024 * 1024)
 MAX_RESULT_BYTES = 2 * MAX_OUTPUT_BYTES + 64 * 1024
 DATA_UPLOAD_MAX_MEMORY_SIZE = max(MAX_REQUEST_BYTES, MAX_RESULT_BYTES)
+MAX_DEPLOYMENT_LOG_BYTES = env_int("TETHER_MAX_DEPLOYMENT_LOG_BYTES", 1024 * 1024)
 
 # Fleet timers (seconds). Tests and benchmarks turn these down instead of sleeping.
 HEARTBEAT_INTERVAL = env_float("TETHER_HEARTBEAT_INTERVAL", 30)
@@ -181,6 +183,13 @@ SPECTACULAR_SETTINGS = {
     "TITLE": "Tether API",
     "DESCRIPTION": "Control plane for fleets of Linux servers.",
     "VERSION": "0.1.0",
+    "ENUM_NAME_OVERRIDES": {
+        "CommandStatusEnum": "tether.commands.models.Command.Status",
+        "CommandKindEnum": "tether.commands.models.Command.Kind",
+        "AgentStatusEnum": "tether.fleet.models.Agent.Status",
+        "DeploymentStatusEnum": "tether.deploy.models.Deployment.Status",
+        "DeploymentKindEnum": "tether.deploy.models.Deployment.Kind",
+    },
 }
 
 LOGGING = {

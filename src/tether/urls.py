@@ -9,6 +9,8 @@ from rest_framework.routers import SimpleRouter
 from tether.commands import agent_api as command_agent_api
 from tether.commands.api.stream import command_stream
 from tether.commands.api.views import CommandTemplateViewSet, CommandViewSet
+from tether.deploy import agent_api as deploy_agent_api
+from tether.deploy.api.views import DeploymentViewSet, deployment_stream
 from tether.fleet import agent_api as fleet_agent_api
 from tether.fleet.api.views import AgentViewSet, ServerViewSet
 
@@ -43,7 +45,7 @@ for prefix in ("deployment", "deployments"):
     agent_urls.append(
         path(
             f"{prefix}/<int:deployment_id>/progress/",
-            fleet_agent_api.DeploymentProgressView.as_view(),
+            deploy_agent_api.DeploymentProgressView.as_view(),
         )
     )
 
@@ -52,6 +54,7 @@ router.register("agents/command-templates", CommandTemplateViewSet, basename="co
 router.register("agents", AgentViewSet, basename="agent")
 router.register("servers", ServerViewSet, basename="server")
 router.register("commands", CommandViewSet, basename="command")
+router.register("deployments", DeploymentViewSet, basename="deployment")
 
 urlpatterns = [
     path("healthz", healthz),
@@ -61,6 +64,7 @@ urlpatterns = [
     path("api/auth/token/", obtain_auth_token),
     path("api/agents/", include(agent_urls)),
     path("api/commands/<int:command_id>/stream/", command_stream),
+    path("api/deployments/<int:deployment_id>/stream/", deployment_stream),
     path("api/", include(router.urls)),
 ]
 

@@ -4,6 +4,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import QuerySet
 
 from tether.commands.models import Command, CommandTemplate
+from tether.deploy.models import Deployment
 from tether.fleet.models import Agent, Server
 
 
@@ -24,3 +25,8 @@ def commands_visible_to(user: AbstractBaseUser) -> QuerySet[Command]:
 
 def templates_visible_to(user: AbstractBaseUser) -> QuerySet[CommandTemplate]:
     return CommandTemplate.objects.filter(owner=user)
+
+
+def deployments_visible_to(user: AbstractBaseUser) -> QuerySet[Deployment]:
+    qs = Deployment.objects.select_related("created_by")
+    return qs if user.is_staff else qs.filter(server__owner=user)

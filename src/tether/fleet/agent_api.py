@@ -197,11 +197,3 @@ def agent_file(request: HttpRequest, filename: str) -> HttpResponse:
     if not path.is_file():
         return json_error("not_found", "Not found.", 404)
     return FileResponse(path.open("rb"), content_type="text/plain; charset=utf-8")
-
-
-class DeploymentProgressView(AgentAPIView):
-    """Deployments arrive with the agent-lifecycle work; until then no id exists."""
-
-    @extend_schema(request=None, responses={404: dict}, tags=["agent"])
-    def post(self, request: Request, deployment_id: int) -> Response:
-        raise exceptions.NotFound("No such deployment.")

@@ -20,6 +20,7 @@ from tether.commands.api.serializers import (
     CommandSummarySerializer,
     SendCommandInput,
 )
+from tether.deploy.api.serializers import DeploymentSummarySerializer
 
 from .. import services
 from ..models import Agent, Server
@@ -126,6 +127,13 @@ class AgentViewSet(
                 user=request.user,
             )
         return Response(CommandSerializer(command).data, status=status.HTTP_201_CREATED)
+
+    @action(detail=True, methods=["get"])
+    def deployments(self, request: Request, pk: str) -> Response:
+        """The agent's latest deployments, newest first."""
+        agent = self.get_object()
+        latest = agent.deployments.select_related("created_by")[:HISTORY_LENGTH]
+        return Response(DeploymentSummarySerializer(latest, many=True).data)
 
     @action(detail=True, methods=["get"])
     def commands(self, request: Request, pk: str) -> Response:

@@ -1,0 +1,30 @@
+"""Agent-facing deployment endpoint: the agent appends to its own deployment's log."""
+
+from drf_spectacular.utils import extend_schema
+from rest_framework import exceptions, serializers
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from tether.agent_views import AgentAPIView, RawText
+
+from . import services
+from .models import Deployment
+
+
+class DeploymentLogInput(serializers.Serializer):
+    log = RawText()
+
+
+class DeploymentProgressView(AgentAPIView):
+    @extend_schema(request=DeploymentLogInput, responses={200: dict}, tags=["agent"])
+    def post(self, request: Request, deployment_id: int) -> Response:
+        data = DeploymentLogInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        try:
+            deployment = services.append_log(
+                deployment_id=deployment_id, text=data.validated_data["log"], agent=self.get_agent()
+            )
+        except Deployment.DoesNotExist as exc:
+            raise exceptions.NotFound("No such deployment for this agent.") from exc
+        # The agent learns here that its deployment was cancelled.
+        return Response({"status": "ok", "deployment_status": deployment.status})

@@ -1,0 +1,51 @@
+from django.conf import settings
+from django.db import models
+from django.utils import timezone
+
+from tether.fleet.models import Agent, Server
+
+
+class Deployment(models.Model):
+    """An install, upgrade, stop or start of an agent, with the live log operators watch."""
+
+    class Kind(models.TextChoices):
+        INSTALL = "install"
+        UPGRADE = "upgrade"
+        STOP = "stop"
+        START = "start"
+
+    class Method(models.TextChoices):
+        AGENT = "agent"
+        SSH = "ssh"
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    server = models.ForeignKey(Server, on_delete=models.CASCADE, related_name="deployments")
+    # None for an install on a host that has no agent yet.
+    agent = models.ForeignKey(
+        Agent, null=True, blank=True, on_delete=models.CASCADE, related_name="deployments"
+    )
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    method = models.CharField(max_length=8, choices=Method.choices)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    target_version = models.CharField(max_length=64, blank=True, default="")
+    log = models.TextField(blank=True, default="")
+    log_truncated = models.BooleanField(default=False)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["agent", "status"], name="deployment_agent_status")]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.kind} via {self.method}"
