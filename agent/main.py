@@ -97,6 +97,9 @@ def parse_args(argv=None):
     env = os.environ.get
     parser = argparse.ArgumentParser(prog="tether-agent", description="Tether agent")
     parser.add_argument("--version", action="version", version=__version__)
+    parser.add_argument(
+        "--self-test", action="store_true", help="check this file can run here, then exit"
+    )
     parser.add_argument("--server", default=env("TETHER_SERVER"), help="server URL")
     parser.add_argument(
         "--server-token", default=env("TETHER_SERVER_TOKEN"), help="registration token"
@@ -1308,8 +1311,47 @@ class Agent:
         log("info", "agent stopped")
 
 
+def self_test():
+    """What an upgrade runs on a new copy of this file before swapping it in: the journal
+    and spool on disk, a signature, and a command in its own session with its output read
+    back. Exit status 0 means the file can take over from the running agent."""
+    import shutil
+    import tempfile
+
+    state_dir = tempfile.mkdtemp(prefix="tether-agent-self-test-")
+    try:
+        journal = Journal(state_dir)
+        entry = {"id": "self-test", "spec": {"id": "self-test"}, "state": "accepted"}
+        journal.save(entry, durable=True)
+        if journal.load("self-test") != entry:
+            raise RuntimeError("the journal does not read back what it wrote")
+        client = Client("http://127.0.0.1:9")
+        client.credentials = {"token": "0" * 32, "secret_key": "0" * 64}
+        if len(client.sign("GET", "/", b"")["X-Tether-Signature"]) != 64:
+            raise RuntimeError("signing is broken")
+        proc = subprocess.Popen(
+            ["bash", "-c", "echo self-test"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        out, _ = proc.communicate(timeout=10)
+        if proc.returncode != 0 or out != b"self-test\n":
+            raise RuntimeError("cannot run a command: exit %s" % proc.returncode)
+    except Exception as exc:
+        log("error", "self-test failed", error=repr(exc))
+        return 1
+    finally:
+        shutil.rmtree(state_dir, ignore_errors=True)
+    print("self-test ok, version %s" % __version__)
+    return 0
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.self_test:
+        return self_test()
     try:
         os.makedirs(args.state_dir, mode=0o700, exist_ok=True)
         journal = Journal(args.state_dir)
