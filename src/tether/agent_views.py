@@ -13,7 +13,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import exceptions, serializers
 from rest_framework.views import APIView
 
-from tether.errors import PayloadTooLarge, error_body
+from tether.errors import PayloadTooLarge, exception_handler
 from tether.fleet.authentication import AgentTokenAuthentication, IsAgent
 
 
@@ -35,13 +35,11 @@ def check_body_size(request: HttpRequest, limit: int) -> None:
 
 
 def error_response(exc: exceptions.APIException) -> JsonResponse:
-    """The JSON error answer for an async view, which has no DRF exception handler."""
-    codes = exc.get_codes()
-    code = getattr(exc, "error_code", codes if isinstance(codes, str) else "invalid")
-    extra = getattr(exc, "extra", {})
-    if isinstance(exc, exceptions.ValidationError):
-        return JsonResponse(error_body("invalid", str(exc.detail), **extra), status=400)
-    return JsonResponse(error_body(code, str(exc.detail), **extra), status=exc.status_code)
+    """The JSON error answer for an async view (which DRF does not wrap): the same body the
+    project's exception handler gives every other view."""
+    response = exception_handler(exc, {})
+    assert response is not None  # every APIException has an answer
+    return JsonResponse(response.data, status=response.status_code)
 
 
 class AgentAPIView(APIView):

@@ -21,7 +21,7 @@ from tether.db import run_db
 from tether.errors import TetherError, json_error
 
 from . import services
-from .authentication import REFUSAL, authenticate_agent
+from .authentication import authenticate_agent
 from .models import Agent
 
 AGENT_FILES = ("main.py", "requirements.txt")
@@ -162,8 +162,6 @@ async def poll_commands(request: HttpRequest) -> HttpResponse:
     with wakeups.subscribe() as waiter:
         try:
             agent, wait, delivery = await run_db(_open_poll, request, waiter)
-        except exceptions.AuthenticationFailed:
-            return json_error("authentication_failed", REFUSAL, 401)
         except exceptions.APIException as exc:
             return error_response(exc)
         deadline = time.monotonic() + wait
