@@ -6,16 +6,15 @@ ASGI each of those costs two thread hops per request, about 3 ms in all on this 
 agent views are called directly, resolved by Django's own URLconf, on the small database
 thread pool (tether.db). Everything else goes through the full stack.
 
-Request bodies are bounded here, before Django reads them: results (whose older dialect
-carries the whole output) up to MAX_RESULT_BYTES, everything else up to MAX_REQUEST_BYTES.
+Request bodies are bounded here, before Django reads them: an agent endpoint's view declares
+its `max_body` (results, whose older dialect carries the whole output, take more), every
+other path MAX_REQUEST_BYTES.
 """
 
 import asyncio
 import contextvars
-import json
 import logging
 import os
-import re
 from typing import Any
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tether.settings")
@@ -30,15 +29,10 @@ from django.http import HttpRequest, HttpResponse  # noqa: E402
 from django.urls import Resolver404, get_resolver, set_urlconf  # noqa: E402
 
 from tether.db import run_db  # noqa: E402
-from tether.errors import error_body, json_error, server_error  # noqa: E402
+from tether.errors import json_error, server_error  # noqa: E402
 
 log = logging.getLogger("tether.agent_api")
 AGENT_PREFIX = "/api/agents/"
-RESULT_PATH = re.compile(r"^/api/agents/commands?/\d+/result/$")
-
-
-def body_limit(path: str) -> int:
-    return settings.MAX_RESULT_BYTES if RESULT_PATH.match(path) else settings.MAX_REQUEST_BYTES
 
 
 def agent_endpoint_match(path: str) -> Any:
@@ -50,8 +44,18 @@ def agent_endpoint_match(path: str) -> Any:
         match = get_resolver().resolve(path)
     except Resolver404:
         return None
-    view = getattr(match.func, "view_class", match.func)
-    return match if getattr(view, "agent_endpoint", False) else None
+    return match if getattr(_view(match), "agent_endpoint", False) else None
+
+
+def _view(match: Any) -> Any:
+    return getattr(match.func, "view_class", match.func)
+
+
+def body_limit(match: Any) -> int:
+    """What the agent endpoint's view declares (`max_body`), else MAX_REQUEST_BYTES."""
+    if match is None:
+        return settings.MAX_REQUEST_BYTES
+    return getattr(_view(match), "max_body", settings.MAX_REQUEST_BYTES)
 
 
 def _call_sync_view(func: Any, request: HttpRequest, args: Any, kwargs: Any) -> HttpResponse:
@@ -61,23 +65,25 @@ def _call_sync_view(func: Any, request: HttpRequest, args: Any, kwargs: Any) -> 
     return response
 
 
-def _too_large(limit: int) -> bytes:
-    return json.dumps(
-        error_body("too_large", f"request body is larger than {limit} bytes", limit=limit)
-    ).encode()
+def _too_large(limit: int) -> HttpResponse:
+    return json_error("too_large", f"request body is larger than {limit} bytes", 413, limit=limit)
 
 
 class TetherASGIHandler(ASGIHandler):
     # Per request (each ASGI call runs in a task of its own, so a context of its own): the
-    # body limit of its path, and whether a body without a length ran past it.
-    body_limit: contextvars.ContextVar[int] = contextvars.ContextVar("body_limit", default=0)
+    # agent endpoint it resolved to (None for the rest), and whether its body ran past the
+    # limit.
+    agent_match: contextvars.ContextVar[Any] = contextvars.ContextVar("agent_match", default=None)
     too_large: contextvars.ContextVar[bool] = contextvars.ContextVar("too_large", default=False)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         """Agent requests skip Django's per-request ThreadSensitiveContext: it gives every
         request a thread of its own for sync work, so each held long-poll would hold an idle
         thread. Their database work runs on the pool in tether.db instead."""
-        if scope["type"] == "http" and agent_endpoint_match(scope.get("path", "")):
+        match = agent_endpoint_match(scope.get("path", "")) if scope["type"] == "http" else None
+        self.agent_match.set(match)
+        self.too_large.set(False)
+        if match is not None:
             await self.handle(scope, receive, send)
         else:
             await super().__call__(scope, receive, send)
@@ -88,24 +94,17 @@ class TetherASGIHandler(ASGIHandler):
         ceiling = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
         length = dict(scope.get("headers") or []).get(b"content-length", b"0")
         if length.isdigit() and int(length) > ceiling:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")],
-                }
-            )
-            await send({"type": "http.response.body", "body": _too_large(ceiling)})
+            response = _too_large(ceiling)
+            response["Connection"] = "close"
+            await self.send_response(response, send)
             return
-        self.body_limit.set(body_limit(scope.get("path", "")))
-        self.too_large.set(False)
         await super().handle(scope, receive, send)
 
     async def read_body(self, receive: Any) -> Any:
         """Keep at most the path's limit of a body. Past it the rest is read and dropped (so
         the client gets its 413 rather than a broken pipe), and past the ceiling no longer
         read at all."""
-        limit = self.body_limit.get() or settings.MAX_REQUEST_BYTES
+        limit = body_limit(self.agent_match.get())
         ceiling = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
         seen = 0
 
@@ -122,12 +121,9 @@ class TetherASGIHandler(ASGIHandler):
         return await super().read_body(bounded_receive)
 
     async def get_response_async(self, request: HttpRequest) -> HttpResponse:
+        match = self.agent_match.get()
         if self.too_large.get():
-            limit = self.body_limit.get()
-            return json_error(
-                "too_large", f"request body is larger than {limit} bytes", 413, limit=limit
-            )
-        match = agent_endpoint_match(request.path_info)
+            return _too_large(body_limit(match))
         if match is not None:
             response = await self._agent_response(request, match)
             response._resource_closers.append(request.close)

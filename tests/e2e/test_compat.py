@@ -106,3 +106,23 @@ def test_the_deprecated_command_alias_answers_like_poll(
     )
     with urllib.request.urlopen(req, timeout=10) as response:
         assert response.headers["Deprecation"] == "true"
+
+
+def test_a_legacy_result_may_carry_more_than_a_progress_call(
+    tether: TetherServer, admin_api: Api, tmp_path
+) -> None:
+    fleet = Fleet(tether, admin_api, tmp_path)
+    legacy = LegacyAgent(tether, fleet.server_token)
+    sent = fleet.send_to(legacy.id, "make-believe")
+    wait_for(legacy.poll, what="the command delivered")
+    whole = "x" * (3 * 1024 * 1024 // 2) + "\n"  # over the 1 MiB progress limit
+    status, body = legacy.api.post(
+        f"/api/agents/commands/{sent['id']}/progress/", {"stdout": whole}
+    )
+    assert status == 413, body
+    status, body = legacy.api.post(
+        f"/api/agents/commands/{sent['id']}/result/",
+        {"success": True, "return_code": 0, "stdout": whole, "append": False},
+    )
+    assert status == 200, body
+    assert fleet.command(sent["id"])["stdout"] == whole
