@@ -237,8 +237,9 @@ def mark_lost_commands() -> int:
     ids = list(lost.values_list("id", flat=True))
     if not ids:
         return 0
+    # The same conditions again in the UPDATE: a command that reported since is left alone.
     count = _mark_lost(
-        Command.objects.filter(away | overdue, id__in=ids, status__in=states.ACTIVE),
+        lost.filter(id__in=ids),
         "the agent stopped reporting on the command (offline, or past its timeout)",
     )
     for command_id in ids:
