@@ -1,5 +1,6 @@
-"""The `tether` command: `tether serve` runs the server, anything else is a Django
-management command (`tether migrate`, `tether createsuperuser --noinput`, `tether shell`)."""
+"""The `tether` command: `tether serve` runs the server (with the sweeper and task workers),
+`tether worker` runs task workers alone, anything else is a Django management command
+(`tether migrate`, `tether createsuperuser --noinput`, `tether shell`)."""
 
 import argparse
 import asyncio
@@ -22,6 +23,13 @@ def serve(argv: list[str]) -> int:
     parser.add_argument("--bind", default=os.environ.get("TETHER_BIND", "127.0.0.1:8000"))
     parser.add_argument("--no-migrate", action="store_true", help="skip migrating SQLite")
     parser.add_argument("--no-sweeper", action="store_true", help="run no background sweeper")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="background-task worker threads (default TETHER_WORKER_THREADS; 0: none, "
+        "run `tether worker` instead)",
+    )
     args = parser.parse_args(argv)
     host, _, port = args.bind.rpartition(":")
     if not host or not port.isdigit():
@@ -38,6 +46,7 @@ def serve(argv: list[str]) -> int:
 
     from tether.asgi import application
     from tether.sweeper import run_sweeper
+    from tether.worker import start_worker_threads, stop_workers
 
     config = uvicorn.Config(
         application,
@@ -53,9 +62,13 @@ def serve(argv: list[str]) -> int:
 
     async def main() -> None:
         sweeper = None if args.no_sweeper else asyncio.create_task(run_sweeper())
+        workers = start_worker_threads(
+            settings.WORKER_THREADS if args.workers is None else args.workers
+        )
         try:
             await server.serve()
         finally:
+            stop_workers(workers)
             if sweeper:
                 sweeper.cancel()
 
@@ -69,10 +82,25 @@ def serve(argv: list[str]) -> int:
     return 0
 
 
+def worker(argv: list[str]) -> int:
+    """`tether worker`: the task worker on its own, for larger setups (db_worker underneath)."""
+    _setup_django()
+    from django.conf import settings
+    from django.core.management import execute_from_command_line
+
+    interval = str(settings.WORKER_INTERVAL)
+    execute_from_command_line(
+        ["tether", "db_worker", "--queue-name", "*", "--interval", interval, *argv]
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "serve":
         return serve(argv[1:])
+    if argv and argv[0] == "worker":
+        return worker(argv[1:])
     _setup_django()
     from django.core.management import execute_from_command_line
 

@@ -59,6 +59,8 @@ INSTALLED_APPS = [
     "rest_framework",
     "rest_framework.authtoken",
     "drf_spectacular",
+    "django_tasks",
+    "django_tasks_db",
     "tether.accounts",
     "tether.fleet",
     "tether.commands",
@@ -140,6 +142,16 @@ MAX_OUTPUT_BYTES = env_int("TETHER_MAX_OUTPUT_BYTES", 16 * 1024 * 1024)
 MAX_RESULT_BYTES = 2 * MAX_OUTPUT_BYTES + 64 * 1024
 DATA_UPLOAD_MAX_MEMORY_SIZE = max(MAX_REQUEST_BYTES, MAX_RESULT_BYTES)
 MAX_DEPLOYMENT_LOG_BYTES = env_int("TETHER_MAX_DEPLOYMENT_LOG_BYTES", 1024 * 1024)
+
+# Background jobs (SSH deployments) go through Django's Tasks API on the database backend;
+# `tether serve` runs WORKER_THREADS workers in-process (0: run `tether worker` instead).
+TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend"}}
+WORKER_THREADS = env_int("TETHER_WORKER_THREADS", 2)
+WORKER_INTERVAL = env_float("TETHER_WORKER_INTERVAL", 0.5)
+# Agent lifecycle: how long an upgraded or started agent has to come back online, and how
+# long an SSH run may take before it is stopped.
+DEPLOY_ONLINE_DEADLINE = env_float("TETHER_DEPLOY_ONLINE_DEADLINE", 120)
+DEPLOY_SSH_TIMEOUT = env_float("TETHER_DEPLOY_SSH_TIMEOUT", 600)
 
 # Fleet timers (seconds). Tests and benchmarks turn these down instead of sleeping.
 HEARTBEAT_INTERVAL = env_float("TETHER_HEARTBEAT_INTERVAL", 30)

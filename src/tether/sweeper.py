@@ -1,4 +1,5 @@
-"""The periodic sweep that runs inside `tether serve`: offline agents, lost commands."""
+"""The periodic sweep that runs inside `tether serve`: offline agents, lost commands, and
+deployments past their deadline."""
 
 import asyncio
 import logging
@@ -12,9 +13,14 @@ log = logging.getLogger("tether.sweeper")
 
 def sweep_once() -> tuple[int, int]:
     from tether.commands.services import mark_lost_commands
+    from tether.deploy.services import expire_deployments
     from tether.fleet.services import mark_offline_agents
 
-    return mark_offline_agents(), mark_lost_commands()
+    offline, lost = mark_offline_agents(), mark_lost_commands()
+    expired = expire_deployments()
+    if expired:
+        log.info("sweep: %d deployment(s) past their deadline", expired)
+    return offline, lost
 
 
 async def run_sweeper() -> None:

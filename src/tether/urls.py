@@ -32,6 +32,7 @@ agent_urls = [
     path("poll/", fleet_agent_api.poll_commands),
     path("command/", fleet_agent_api.deprecated_command_poll),
     path("heartbeat/", fleet_agent_api.HeartbeatView.as_view()),
+    path("files/manifest.json/", fleet_agent_api.ManifestView.as_view()),
     path("files/<str:filename>/", fleet_agent_api.agent_file),
 ]
 for prefix in ("command", "commands"):

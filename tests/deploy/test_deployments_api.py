@@ -51,6 +51,7 @@ class DeploymentsApiTestCase(BaseTestCase):
         self.assertEqual(body["created_by"], "alice")
 
     def test_it_lists_an_agents_deployments_newest_first(self) -> None:
+        services.finish_deployment(deployment=self.deployment, status="succeeded")
         newer = services.create_deployment(
             server=self.server, agent=self.agent, kind="stop", method="agent", user=self.alice
         )

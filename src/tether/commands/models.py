@@ -46,6 +46,10 @@ class Command(models.Model):
     # running command whose agent never reported is lost (see mark_lost_commands).
     report_deadline = models.DateTimeField(null=True, blank=True)
     delivery_count = models.PositiveIntegerField(default=0)
+    # An internal command carrying out a deployment (upgrade, stop) reports into it.
+    deployment = models.ForeignKey(
+        "deploy.Deployment", null=True, blank=True, on_delete=models.CASCADE, related_name="+"
+    )
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )

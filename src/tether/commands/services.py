@@ -33,6 +33,7 @@ def queue_command(
     timeout: int | None = None,
     user: AbstractBaseUser | None = None,
     kind: str = Command.Kind.SHELL,
+    deployment: Any = None,
 ) -> Command:
     """Queue a command; the agent's long-poll wakes as soon as the row is committed."""
     with transaction.atomic():
@@ -43,6 +44,7 @@ def queue_command(
             args=args,
             timeout=timeout or settings.COMMAND_TIMEOUT_DEFAULT,
             created_by=user,
+            deployment=deployment,
         )
         audit(user=user, action="command.send", target=queued, agent=agent.pk)
         wakeups.notify_on_commit(wakeups.agent_key(agent.pk))
@@ -105,7 +107,7 @@ def claim_commands(*, agent: Agent, limit: int = 20) -> Delivery:
 
 def as_delivered(command: Command) -> dict[str, Any]:
     """A command as the agent receives it."""
-    return {
+    delivered = {
         "id": command.pk,
         "kind": command.kind,
         "command": command.command,
@@ -113,6 +115,9 @@ def as_delivered(command: Command) -> dict[str, Any]:
         "timeout": command.timeout,
         "created_at": command.created_at.isoformat(),
     }
+    if command.deployment_id is not None:
+        delivered["deployment_id"] = command.deployment_id
+    return delivered
 
 
 def _agent_time(value: float | None) -> datetime | None:
@@ -191,6 +196,10 @@ def record_result(
         _finish(command, status, exit_code=exit_code, error=error)
         command.save()
         wakeups.notify_on_commit(wakeups.command_key(command.pk))
+        if command.deployment_id is not None:
+            from tether.deploy.services import internal_command_finished
+
+            internal_command_finished(command)
 
 
 def _finish(

@@ -42,10 +42,30 @@ class Deployment(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # The URL the agent is given to reach this server (TETHER_PUBLIC_URL, else the request's).
+    server_url = models.CharField(max_length=500, blank=True, default="")
+    # Past it, a deployment still waiting for its agent fails (see services.expire_deployments).
+    deadline = models.DateTimeField(null=True, blank=True)
+    # A one-time registration token for the agent an SSH run starts, kept only as a hash and
+    # accepted only while the deployment is active (the server token itself is never stored).
+    enroll_token_hash = models.CharField(max_length=64, blank=True, default="", db_index=True)
 
     class Meta:
         ordering = ["-created_at", "-id"]
         indexes = [models.Index(fields=["agent", "status"], name="deployment_agent_status")]
+        constraints = [
+            # The database, not only the view, keeps two lifecycle actions off one agent.
+            models.UniqueConstraint(
+                fields=["agent"],
+                condition=models.Q(status__in=["queued", "running"]),
+                name="one_active_deployment_per_agent",
+            ),
+            models.UniqueConstraint(
+                fields=["server"],
+                condition=models.Q(kind="install", status__in=["queued", "running"]),
+                name="one_active_install_per_server",
+            ),
+        ]
 
     def __str__(self) -> str:
         return f"#{self.pk} {self.kind} via {self.method}"

@@ -1,5 +1,7 @@
 """Deployment lifecycle: create, append to the log, finish, cancel. One transaction each."""
 
+import re
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -9,12 +11,17 @@ from django.utils import timezone
 
 from tether import wakeups
 from tether.accounts.services import audit
+from tether.commands import states
 from tether.errors import Conflict
+from tether.fleet import credentials
 from tether.fleet.models import Agent, Server
+from tether.fleet.services import offline_cutoff
 
 from .models import Deployment
 
 S = Deployment.Status
+K = Deployment.Kind
+M = Deployment.Method
 FINAL = frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED})
 TRUNCATION_MARK = "\n[log truncated: TETHER_MAX_DEPLOYMENT_LOG_BYTES reached]\n"
 
@@ -99,3 +106,236 @@ def cancel_deployment(*, deployment: Deployment, user: AbstractBaseUser | None) 
         return finish_deployment(
             deployment=deployment, status=S.CANCELLED, line=f"cancelled by {who}"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Lifecycle requests: upgrade, stop, start, install
+# ---------------------------------------------------------------------------------------------
+
+ACTIVE = (S.QUEUED, S.RUNNING)
+VERSION_LINE = re.compile(rb"""^__version__\s*=\s*["']([^"']+)["']""", re.MULTILINE)
+
+
+def agent_version() -> str:
+    """The version of the agent file this server hands out (its `__version__` line)."""
+    try:
+        found = VERSION_LINE.search((settings.AGENT_DIR / "main.py").read_bytes())
+    except OSError:
+        return ""
+    return found.group(1).decode() if found else ""
+
+
+def public_url(deployment: Deployment | None = None) -> str:
+    """Where an agent reaches this server: TETHER_PUBLIC_URL, else the URL the deployment was
+    requested on."""
+    return settings.PUBLIC_URL or (deployment.server_url.rstrip("/") if deployment else "")
+
+
+def new_enrollment_token(deployment: Deployment) -> str:
+    """A registration token for the agent this deployment starts; only its hash is kept and it
+    stops working when the deployment ends."""
+    token = credentials.new_server_token()
+    Deployment.objects.filter(pk=deployment.pk).update(
+        enroll_token_hash=credentials.hash_token(token)
+    )
+    return token
+
+
+def server_for_enrollment_token(token: str) -> Server | None:
+    active = Deployment.objects.filter(
+        enroll_token_hash=credentials.hash_token(token), status__in=ACTIVE
+    ).select_related("server")
+    deployment = active.first()
+    return deployment.server if deployment else None
+
+
+def agent_is_online(agent: Agent) -> bool:
+    return (
+        agent.status in (Agent.Status.ONLINE, Agent.Status.UPGRADING)
+        and agent.last_heartbeat is not None
+        and agent.last_heartbeat >= offline_cutoff()
+    )
+
+
+def _check_ssh_ready(server: Server) -> None:
+    if not server.ssh_private_key_encrypted:
+        raise Conflict(
+            f"server {server.name!r} has no SSH private key: set ssh_private_key first",
+            code="no_ssh_credentials",
+        )
+
+
+def _supersede(*, agent: Agent | None, server: Server, kind: str, user: Any) -> None:
+    """The latest request wins: an agent's (or, for installs, a server's) active deployment is
+    cancelled before a new one starts, and so is the internal command carrying it out."""
+    from tether.commands.models import Command
+    from tether.commands.services import cancel_command
+
+    active = Deployment.objects.select_for_update().filter(status__in=ACTIVE)
+    active = active.filter(agent=agent) if agent else active.filter(server=server, kind=kind)
+    who = getattr(user, "username", None) or "the server"
+    for old in active:
+        finish_deployment(
+            deployment=old, status=S.CANCELLED, line=f"superseded by a new {kind} from {who}"
+        )
+        for command in Command.objects.filter(deployment=old).exclude(status__in=states.FINAL):
+            cancel_command(command=command, user=user)
+
+
+def _deadline(extra: float = 0) -> datetime:
+    return timezone.now() + timedelta(seconds=settings.DEPLOY_ONLINE_DEADLINE + extra)
+
+
+def _longest_running(agent: Agent) -> float:
+    """Seconds until the agent's active commands must have ended: an agent upgrades only once
+    they have, so its deadline starts after them."""
+    from tether.commands.models import Command
+
+    timeouts = (
+        Command.objects.filter(agent=agent)
+        .exclude(status__in=states.FINAL)
+        .values_list("timeout", flat=True)
+    )
+    return float(max(timeouts, default=0))
+
+
+def request_deployment(
+    *, kind: str, server: Server, agent: Agent | None, user: Any, server_url: str
+) -> Deployment:
+    """Start an install, upgrade, stop or start (one transaction): supersede what is active,
+    choose the method (through the agent when it is online and can, over SSH otherwise), and
+    hand the work to the agent (an internal command) or to a background worker (SSH)."""
+    from tether.commands.services import queue_command
+
+    with transaction.atomic():
+        if agent is not None:
+            # Serialises concurrent requests for one agent (SQLite serialises all writers).
+            agent = Agent.objects.select_for_update().get(pk=agent.pk)
+        method = _choose_method(kind, agent)
+        if method == M.SSH:
+            _check_ssh_ready(server)
+        _supersede(agent=agent, server=server, kind=kind, user=user)
+        deployment = create_deployment(
+            server=server,
+            agent=agent,
+            kind=kind,
+            method=method,
+            user=user,
+            target_version=agent_version() if kind in (K.INSTALL, K.UPGRADE) else "",
+        )
+        deployment.server_url = server_url
+        if method == M.AGENT:
+            assert agent is not None
+            deployment.deadline = _deadline(_longest_running(agent))
+            deployment.save(update_fields=["server_url", "deadline"])
+            verb = "upgrade to " + deployment.target_version if kind == K.UPGRADE else kind
+            append_log(deployment_id=deployment.pk, text=f"asking the agent to {verb}")
+            queue_command(
+                agent=agent,
+                command=kind,
+                kind="internal",
+                timeout=int(settings.DEPLOY_ONLINE_DEADLINE),
+                deployment=deployment,
+            )
+        else:
+            deployment.deadline = _deadline(settings.DEPLOY_SSH_TIMEOUT + 60)
+            deployment.save(update_fields=["server_url", "deadline"])
+            transaction.on_commit(lambda: _enqueue_ssh(deployment.pk))
+        if kind == K.UPGRADE and agent is not None:
+            Agent.objects.filter(pk=agent.pk).update(status=Agent.Status.UPGRADING)
+    return deployment
+
+
+def _choose_method(kind: str, agent: Agent | None) -> str:
+    if agent is None or kind in (K.INSTALL, K.START):
+        if kind == K.START and agent is not None and agent_is_online(agent):
+            raise Conflict("the agent is already online", code="already_online")
+        return M.SSH
+    # An agent of the original dialect cannot check a signed manifest or take internal
+    # commands: it is upgraded and stopped over SSH.
+    if agent_is_online(agent) and agent.signs_requests:
+        return M.AGENT
+    return M.SSH
+
+
+def _enqueue_ssh(deployment_id: int) -> None:
+    from .tasks import run_ssh_deployment_task
+
+    run_ssh_deployment_task.enqueue(deployment_id)
+
+
+def internal_command_finished(command: Any) -> None:
+    """An internal command carrying out a deployment ended (inside its transaction). Stop is
+    done when the agent acknowledges it; an upgrade when the agent is back at the new version
+    (see agent_reported_version); any failure of the command fails the deployment."""
+    from tether.commands.models import Command
+    from tether.commands.output import output_text
+
+    deployment = Deployment.objects.select_for_update().get(pk=command.deployment_id)
+    if deployment.status in FINAL:
+        return
+    if command.status != Command.Status.SUCCEEDED:
+        reason = command.error or output_text(command, "stderr")[-2000:] or command.status
+        finish_deployment(deployment=deployment, status=S.FAILED, line=f"failed: {reason.strip()}")
+        _settle_agent_status(deployment)
+        return
+    if deployment.kind == K.STOP:
+        Agent.objects.filter(pk=command.agent_id).update(status=Agent.Status.STOPPED)
+        finish_deployment(deployment=deployment, status=S.SUCCEEDED, line="agent stopped")
+    elif deployment.kind == K.UPGRADE:
+        append_log(
+            deployment_id=deployment.pk,
+            text=f"agent swapped in {deployment.target_version}; waiting for it to come back",
+        )
+
+
+def agent_reported_version(agent: Agent, version: str) -> None:
+    """An agent came back with a new version: an upgrade waiting for it has succeeded."""
+    waiting = Deployment.objects.filter(
+        agent=agent, kind=K.UPGRADE, method=M.AGENT, status__in=ACTIVE, target_version=version
+    )
+    for deployment in waiting:
+        finish_deployment(
+            deployment=deployment,
+            status=S.SUCCEEDED,
+            line=f"agent online at version {version}",
+        )
+        _settle_agent_status(deployment)
+
+
+def _settle_agent_status(deployment: Deployment) -> None:
+    """After an upgrade ends, an agent shown as upgrading is online or offline again."""
+    if deployment.agent_id is None or deployment.kind != K.UPGRADE:
+        return
+    agent = Agent.objects.get(pk=deployment.agent_id)
+    if agent.status == Agent.Status.UPGRADING:
+        fresh = agent.last_heartbeat is not None and agent.last_heartbeat >= offline_cutoff()
+        status = Agent.Status.ONLINE if fresh else Agent.Status.OFFLINE
+        Agent.objects.filter(pk=agent.pk, status=Agent.Status.UPGRADING).update(status=status)
+
+
+def expire_deployments() -> int:
+    """Deployments past their deadline fail: an agent that never came back, a worker that
+    died mid-run. Their internal commands are cancelled."""
+    from tether.commands.models import Command
+    from tether.commands.services import cancel_command
+
+    overdue = Deployment.objects.filter(status__in=ACTIVE, deadline__lt=timezone.now())
+    count = 0
+    for deployment in overdue:
+        waited_for = "the agent"
+        if deployment.target_version:
+            waited_for += f" at version {deployment.target_version}"
+        with transaction.atomic():
+            done = finish_deployment(
+                deployment=deployment,
+                status=S.FAILED,
+                line=f"failed: no result within the deadline (waited for {waited_for})",
+            )
+            if done.status != S.FAILED:
+                continue
+            for command in Command.objects.filter(deployment=done).exclude(status__in=states.FINAL):
+                cancel_command(command=command, user=None)
+            _settle_agent_status(done)
+            count += 1
+    return count

@@ -1,5 +1,6 @@
 """Agent-facing fleet endpoints: register, poll (the long-poll), heartbeat, files."""
 
+import hashlib
 import time
 from typing import Any
 
@@ -20,7 +21,7 @@ from tether.commands import services as command_services
 from tether.db import run_db
 from tether.errors import TetherError, json_error
 
-from . import services
+from . import credentials, services
 from .authentication import authenticate_agent
 from .models import Agent
 
@@ -182,6 +183,33 @@ async def deprecated_command_poll(request: HttpRequest) -> HttpResponse:
     response["Deprecation"] = "true"
     response["Link"] = '</api/agents/poll_commands/>; rel="successor-version"'
     return response
+
+
+class ManifestView(AgentAPIView):
+    """What an upgrade installs, signed with the asking agent's own secret key: a copy of the
+    files that was altered on the way (or served by an impostor) fails the agent's check."""
+
+    @extend_schema(responses={200: dict}, tags=["agent"])
+    def get(self, request: Request) -> Response:
+        from tether.deploy.services import agent_version
+
+        agent = self.get_agent()
+        files = {}
+        for name in AGENT_FILES:
+            path = settings.AGENT_DIR / name
+            if path.is_file():
+                data = path.read_bytes()
+                files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+        manifest = {
+            "agent_id": agent.pk,
+            "version": agent_version(),
+            "files": files,
+            "issued_at": int(time.time()),
+        }
+        secret = credentials.decrypt(agent.secret_key_encrypted)
+        return Response(
+            {"manifest": manifest, "signature": credentials.sign_document(secret, manifest)}
+        )
 
 
 @agent_endpoint

@@ -76,3 +76,17 @@ def sign(secret_key: str, method: str, path: str, timestamp: str, body: bytes) -
     """The request signature of docs/agent-protocol.md; the agent computes the same."""
     message = "\n".join([method.upper(), path, timestamp, hashlib.sha256(body).hexdigest()])
     return hmac.new(secret_key.encode("ascii"), message.encode(), hashlib.sha256).hexdigest()
+
+
+def canonical_json(value: object) -> bytes:
+    """The bytes a signed document is signed over; the agent re-encodes what it parsed the
+    same way (sorted keys, no spaces), so both sides hash identical bytes."""
+    import json
+
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def sign_document(secret_key: str, document: object) -> str:
+    return hmac.new(
+        secret_key.encode("ascii"), b"tether-manifest\n" + canonical_json(document), hashlib.sha256
+    ).hexdigest()

@@ -14,6 +14,9 @@ class Server(models.Model):
     ssh_user = models.CharField(max_length=64, default="root")
     ssh_port = models.PositiveIntegerField(default=22)
     ssh_private_key_encrypted = models.TextField(blank=True, default="")
+    # known_hosts lines recorded the first time Tether reached the host over SSH; a host that
+    # later shows another key is refused until an operator forgets the recorded one.
+    ssh_known_hosts = models.TextField(blank=True, default="")
     agent_dir = models.CharField(max_length=255, default="/opt/tether-agent")
     tags = models.JSONField(default=list, blank=True)
     token_hash = models.CharField(max_length=64, unique=True)

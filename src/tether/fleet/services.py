@@ -65,6 +65,14 @@ def update_server(*, server: Server, user: AbstractBaseUser, **fields: Any) -> S
 
 
 @transaction.atomic
+def forget_host_key(*, server: Server, user: AbstractBaseUser) -> Server:
+    server.ssh_known_hosts = ""
+    server.save(update_fields=["ssh_known_hosts"])
+    audit(user=user, action="server.forget_host_key", target=server)
+    return server
+
+
+@transaction.atomic
 def rotate_server_token(*, server: Server, user: AbstractBaseUser) -> str:
     """A new server token; the old one stops registering agents at once."""
     token = credentials.new_server_token()
@@ -97,7 +105,12 @@ class Registration:
 
 
 def server_for_token(server_token: str) -> Server | None:
-    return Server.objects.filter(token_hash=credentials.hash_token(server_token)).first()
+    """The server a registration token belongs to: its server token, or the one-time token of
+    an SSH deployment that is installing or restarting an agent there."""
+    from tether.deploy.services import server_for_enrollment_token
+
+    server = Server.objects.filter(token_hash=credentials.hash_token(server_token)).first()
+    return server or server_for_enrollment_token(server_token)
 
 
 @transaction.atomic
@@ -149,9 +162,10 @@ def record_heartbeat(
     heartbeat is fresher than HEARTBEAT_FRESHNESS (a busy agent polls many times a second)."""
     now = timezone.now()
     fields: dict[str, Any] = {}
-    if agent.status in (Agent.Status.PENDING, Agent.Status.OFFLINE):
+    if agent.status in (Agent.Status.PENDING, Agent.Status.OFFLINE, Agent.Status.STOPPED):
         fields["status"] = Agent.Status.ONLINE
-    if version and version != agent.version:
+    new_version = bool(version) and version != agent.version
+    if new_version:
         fields["version"] = version
     if rpc_port is not None and rpc_port != agent.rpc_port:
         fields["rpc_port"] = rpc_port
@@ -164,6 +178,10 @@ def record_heartbeat(
     Agent.objects.filter(pk=agent.pk).update(**fields)
     for name, value in fields.items():
         setattr(agent, name, value)
+    if new_version:
+        from tether.deploy.services import agent_reported_version
+
+        agent_reported_version(agent, version)
 
 
 def offline_cutoff(now: Any = None) -> Any:

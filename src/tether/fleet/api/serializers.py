@@ -12,6 +12,7 @@ class ServerSerializer(StrictInputMixin, serializers.ModelSerializer):
     tags = TagList()
     agents = serializers.PrimaryKeyRelatedField(many=True, read_only=True)
     ssh_port = serializers.IntegerField(min_value=1, max_value=65535, required=False)
+    has_ssh_key = serializers.SerializerMethodField()
 
     class Meta:
         model = Server
@@ -23,11 +24,16 @@ class ServerSerializer(StrictInputMixin, serializers.ModelSerializer):
             "ssh_user",
             "ssh_private_key",
             "agent_dir",
+            "ssh_known_hosts",
+            "has_ssh_key",
             "tags",
             "agents",
             "created_at",
         ]
-        read_only_fields = ["id", "agents", "created_at"]
+        read_only_fields = ["id", "ssh_known_hosts", "agents", "created_at"]
+
+    def get_has_ssh_key(self, server: Server) -> bool:
+        return bool(server.ssh_private_key_encrypted)
 
     def validate_name(self, value: str) -> str:
         owner = self.instance.owner if self.instance else self.context["request"].user

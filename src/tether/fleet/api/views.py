@@ -3,7 +3,7 @@
 from typing import Any
 
 from django.db.models import Q, QuerySet
-from rest_framework import exceptions, mixins, status, viewsets
+from rest_framework import exceptions, mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -20,13 +20,32 @@ from tether.commands.api.serializers import (
     CommandSummarySerializer,
     SendCommandInput,
 )
+from tether.deploy import services as deploy_services
 from tether.deploy.api.serializers import DeploymentSummarySerializer
+from tether.serializers import StrictInputMixin
 
 from .. import services
 from ..models import Agent, Server
 from .serializers import AgentSerializer, ServerSerializer
 
 HISTORY_LENGTH = 50
+
+
+class NoInput(StrictInputMixin, serializers.Serializer):
+    """Lifecycle actions take no fields; anything sent is refused rather than ignored."""
+
+
+def _lifecycle(request: Request, kind: str, server: Server, agent: Agent | None) -> Response:
+    NoInput(data=request.data if request.data else {}).is_valid(raise_exception=True)
+    deployment = deploy_services.request_deployment(
+        kind=kind,
+        server=server,
+        agent=agent,
+        user=request.user,
+        server_url=request.build_absolute_uri("/").rstrip("/"),
+    )
+    body = {"deployment_id": deployment.pk, "method": deployment.method}
+    return Response(body, status=status.HTTP_202_ACCEPTED)
 
 
 class ServerViewSet(viewsets.ModelViewSet):
@@ -60,6 +79,18 @@ class ServerViewSet(viewsets.ModelViewSet):
         body = {**ServerSerializer(server, context={"request": request}).data}
         body["server_token"] = token
         return Response(body)
+
+    @action(detail=True, methods=["post"])
+    def install(self, request: Request, pk: str) -> Response:
+        """Install the agent on this host over SSH; 202 with the deployment to watch."""
+        return _lifecycle(request, "install", self.get_object(), None)
+
+    @action(detail=True, methods=["post"])
+    def forget_host_key(self, request: Request, pk: str) -> Response:
+        """Drop the recorded SSH host key, so that the next run records the host's new one
+        (after a reinstall of the host, say)."""
+        server = services.forget_host_key(server=self.get_object(), user=request.user)
+        return Response(ServerSerializer(server, context={"request": request}).data)
 
 
 class AgentViewSet(
@@ -127,6 +158,25 @@ class AgentViewSet(
                 user=request.user,
             )
         return Response(CommandSerializer(command).data, status=status.HTTP_201_CREATED)
+
+    @action(detail=True, methods=["post"])
+    def upgrade(self, request: Request, pk: str) -> Response:
+        """Upgrade to the served agent version: through the agent when it is online, over SSH
+        when it is not. A running upgrade of the agent is cancelled first."""
+        agent = self.get_object()
+        return _lifecycle(request, "upgrade", agent.server, agent)
+
+    @action(detail=True, methods=["post"])
+    def stop(self, request: Request, pk: str) -> Response:
+        """Stop the agent's service: it acknowledges and stops when online, else over SSH."""
+        agent = self.get_object()
+        return _lifecycle(request, "stop", agent.server, agent)
+
+    @action(detail=True, methods=["post"])
+    def start(self, request: Request, pk: str) -> Response:
+        """Start the agent's service over SSH; done when the agent is online again."""
+        agent = self.get_object()
+        return _lifecycle(request, "start", agent.server, agent)
 
     @action(detail=True, methods=["get"])
     def deployments(self, request: Request, pk: str) -> Response:
