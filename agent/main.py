@@ -100,11 +100,16 @@ def parse_args(argv=None):
     parser.add_argument(
         "--self-test", action="store_true", help="check this file can run here, then exit"
     )
+    parser.add_argument(
+        "--config",
+        default=env("TETHER_AGENT_CONFIG"),
+        help="JSON file with server, server_token, state_dir, ca_file (flags win)",
+    )
     parser.add_argument("--server", default=env("TETHER_SERVER"), help="server URL")
     parser.add_argument(
         "--server-token", default=env("TETHER_SERVER_TOKEN"), help="registration token"
     )
-    parser.add_argument("--state-dir", default=env("TETHER_STATE_DIR") or DEFAULT_STATE_DIR)
+    parser.add_argument("--state-dir", default=env("TETHER_STATE_DIR"))
     parser.add_argument("--max-concurrent", type=int, default=4)
     parser.add_argument("--kill-grace", type=float, default=5.0, help="seconds from TERM to KILL")
     parser.add_argument("--rpc-port", type=int, default=0)
@@ -112,6 +117,15 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.max_concurrent < 1:
         parser.error("--max-concurrent must be at least 1")
+    if args.config:
+        # Written by the SSH installer; keeps the server token out of `ps` and unit files.
+        config = read_json(args.config)
+        if config is None:
+            parser.error("--config %s: not a readable JSON object" % args.config)
+        for key in ("server", "server_token", "state_dir", "ca_file"):
+            if getattr(args, key) is None and isinstance(config.get(key), str):
+                setattr(args, key, config[key])
+    args.state_dir = args.state_dir or DEFAULT_STATE_DIR
     return args
 
 
@@ -328,10 +342,11 @@ class Shutdown(Exception):
 
 
 class Response:
-    def __init__(self, status, data, headers):
+    def __init__(self, status, data, headers, raw=b""):
         self.status = status
         self.data = data if isinstance(data, dict) else {}
         self.headers = headers
+        self.raw = raw
 
     def error_code(self):
         error = self.data.get("error")
@@ -407,7 +422,7 @@ class Client:
             payload = json.loads(raw.decode("utf-8")) if raw else {}
         except ValueError:
             payload = {}
-        return Response(status, payload, resp_headers)
+        return Response(status, payload, resp_headers, raw)
 
     def adjust_clock(self, response):
         """A 401 may only mean our clock is off: sign with the server's time from then on."""
@@ -481,6 +496,8 @@ def poll_forever(agent):
     refused_backoff = Backoff(cap=REGISTER_BACKOFF_CAP)
     next_prune = time.monotonic() + PRUNE_INTERVAL
     while not agent.stopping.is_set():
+        if agent.pending_upgrade:
+            confirm_upgrade(agent)
         wait = float(agent.config.get("long_poll_timeout") or 0) if agent.config_known else 0.0
         query = "wait=%s&version=%s" % (_seconds(wait), quote(__version__))
         path = "/api/agents/poll_commands/?" + query
@@ -500,6 +517,7 @@ def poll_forever(agent):
             continue
         backoff.reset()
         refused_backoff.reset()
+        agent.polled_ok = True
         had_config = agent.config_known
         agent.adopt_config(resp.data.get("config"))
         commands = resp.data.get("commands") or []
@@ -568,11 +586,13 @@ def accept_command(agent, spec):
 
 
 def check_spec(spec):
-    """Returns why the command cannot run, or None. Upgrades and other internal commands come
-    later; until then they are refused rather than guessed at."""
+    """Returns why the command cannot run, or None. An internal command this version does not
+    know is refused rather than guessed at."""
     kind = spec.get("kind") or "shell"
     if kind == "internal":
-        return "unsupported internal command"
+        if spec.get("command") not in INTERNAL_COMMANDS:
+            return "unsupported internal command %r" % spec.get("command")
+        return None
     if kind != "shell":
         return "unsupported command kind %r" % kind
     if not isinstance(spec.get("command"), str) or not spec["command"]:
@@ -665,6 +685,13 @@ class Runner:
             for i in range(agent.args.max_concurrent)
         ]
         self.shell = ["bash", "-c"]
+        # While an upgrade drains, new commands are held (they stay `accepted` on disk and run
+        # after the exec, or here again if the upgrade stops short); `busy` counts the workers
+        # between taking a run and finishing it.
+        self.gate = threading.Lock()
+        self.draining = False
+        self.held = []
+        self.busy = 0
 
     def start(self):
         for thread in self.threads:
@@ -688,8 +715,16 @@ class Runner:
                 return
             if self.agent.stopping.is_set():
                 continue  # stays `accepted` on disk and runs after the restart
+            with self.gate:
+                if self.draining and not is_internal(run.entry.get("spec")):
+                    self.held.append(run)
+                    continue
+                self.busy += 1
             try:
-                self.execute(run)
+                if is_internal(run.entry.get("spec")):
+                    self.execute_internal(run)
+                else:
+                    self.execute(run)
             except Exception as exc:  # a bug must not take the worker or the command down silently
                 trace = traceback.format_exc()
                 log("error", "worker failed", id=run.id, error=repr(exc), trace=trace)
@@ -700,6 +735,66 @@ class Runner:
                         self.finish(run, {"status": "failed", "error": "agent error: %r" % exc})
                 except Exception as again:
                     log("error", "could not record the failure", id=run.id, error=repr(again))
+            finally:
+                with self.gate:
+                    self.busy -= 1
+
+    def drain(self, steps):
+        """Hold new commands and wait until the running ones end: an exec would cut their
+        pipes. Every command has a timeout, so this ends."""
+        with self.gate:
+            self.draining = True
+        told = False
+        while True:
+            with self.gate:
+                others = self.busy - 1  # the upgrade's own worker
+            if others <= 0:
+                return
+            if not told:
+                steps.say("waiting for %d running command(s) to finish" % others)
+                told = True
+            steps.check_cancel()
+            time.sleep(0.1)
+
+    def undrain(self):
+        with self.gate:
+            self.draining = False
+            held, self.held = self.held, []
+        for run in held:
+            self.submit(run)
+
+    def execute_internal(self, run):
+        """An upgrade or stop, reported like any command; what follows it (exec, stop) happens
+        once its result has reached the server, or is at least on disk."""
+        spec = run.entry["spec"]
+        with run.lock:
+            if run.state != "accepted":
+                return
+            run.entry["state"] = "started"
+            run.entry["started_at"] = time.time()
+            run.entry["boot_id"] = self.agent.boot_id
+            self.agent.journal.save(run.entry, durable=True)
+        run.started_mono = time.monotonic()
+        self.agent.sender.add(run)
+        action = {"upgrade": upgrade, "stop": stop}[spec["command"]]
+        try:
+            outcome = action(self.agent, run)
+        except Cancelled as exc:
+            outcome = {"status": "cancelled", "error": str(exc)}
+        except (LifecycleError, TransientError, OSError) as exc:
+            outcome = {"status": "failed", "error": str(exc)}
+        then = outcome.pop("then", None)
+        outcome.pop("note", None)
+        if then != "exec":
+            self.undrain()
+        outcome.update(started_at=run.entry["started_at"], finished_at=time.time())
+        self.finish(run, outcome)
+        if then:
+            self.agent.sender.wait_reported(run, REPORT_WAIT)
+            if then == "exec":
+                reexec(self.agent)
+            else:
+                os.kill(os.getpid(), signal.SIGTERM)
 
     def cancel(self, cid):
         run = self.agent.journal.get(cid)
@@ -1045,6 +1140,13 @@ class Sender:
             run.resend_result = True
             self.add(run)
 
+    def wait_reported(self, run, timeout):
+        """Until the run's result is acknowledged (else it stays on disk and is resent)."""
+        deadline = time.monotonic() + timeout
+        while run.state != "reported" and time.monotonic() < deadline:
+            self.event.set()
+            time.sleep(0.02)
+
     def unsent_results(self):
         with self.lock:
             return sum(1 for r in self.outbox.values() if r.state == "done" or r.resend_result)
@@ -1235,6 +1337,229 @@ class Sender:
 
 
 # ---------------------------------------------------------------------------------------------
+# Lifecycle: upgrade and stop (internal commands)
+# ---------------------------------------------------------------------------------------------
+
+INTERNAL_COMMANDS = ("upgrade", "stop")
+UPGRADE_MARKER = "upgrade.json"
+MANIFEST_MAX_AGE = 600  # seconds: an old signed manifest must not downgrade the agent
+CHILD_CHECK_TIMEOUT = 60
+REPORT_WAIT = 5.0  # how long an agent about to exec or stop waits for its result to land
+
+
+class LifecycleError(Exception):
+    """A step of an upgrade or stop failed; the message is what the operator reads."""
+
+
+class Cancelled(LifecycleError):
+    pass
+
+
+def agent_file_path():
+    return os.path.abspath(__file__)
+
+
+def canonical_json(value):
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def manifest_signature(secret_key, manifest):
+    message = b"tether-manifest\n" + canonical_json(manifest)
+    return hmac.new(secret_key.encode("ascii"), message, hashlib.sha256).hexdigest()
+
+
+def check_manifest(body, secret_key, agent_id, now):
+    """The manifest's files and version, if the server signed it for this agent lately."""
+    manifest = body.get("manifest") if isinstance(body, dict) else None
+    signature = body.get("signature") if isinstance(body, dict) else None
+    if not isinstance(manifest, dict) or not isinstance(signature, str):
+        raise LifecycleError("the manifest is malformed")
+    expected = manifest_signature(secret_key, manifest)
+    if not hmac.compare_digest(expected, signature):
+        raise LifecycleError("the manifest's signature does not match: refusing the files")
+    if agent_id is not None and str(manifest.get("agent_id")) != str(agent_id):
+        raise LifecycleError("the manifest was issued for another agent")
+    issued = manifest.get("issued_at")
+    if not isinstance(issued, int) or abs(now - issued) > MANIFEST_MAX_AGE:
+        raise LifecycleError("the manifest is too old (or our clock is off)")
+    files = manifest.get("files")
+    version = manifest.get("version")
+    if not isinstance(files, dict) or "main.py" not in files or not isinstance(version, str):
+        raise LifecycleError("the manifest names no main.py or no version")
+    return version, files
+
+
+class DeploymentLog:
+    """Lines for the operator watching the deployment; the answer tells of a cancel."""
+
+    def __init__(self, agent, deployment_id, run=None):
+        self.agent = agent
+        self.deployment_id = deployment_id
+        self.run = run
+
+    def say(self, message):
+        log("info", "deployment step", deployment=self.deployment_id, step=message)
+        if self.deployment_id is None:
+            return
+        path = "/api/agents/deployment/%s/progress/" % self.deployment_id
+        try:
+            resp = self.agent.client.request("POST", path, {"log": message})
+        except TransientError as exc:
+            log("warn", "deployment log not sent", error=exc)
+            return
+        cancelled = resp.status == 200 and resp.data.get("deployment_status") == "cancelled"
+        if cancelled and self.run is not None:
+            self.run.cancel_requested = True
+
+    def check_cancel(self):
+        if self.run is not None and self.run.cancel_requested:
+            raise Cancelled("cancelled by the server")
+
+
+def check_child(argv, what):
+    try:
+        proc = subprocess.run(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            timeout=CHILD_CHECK_TIMEOUT,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise LifecycleError("%s of the new file could not run: %s" % (what, exc)) from None
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).decode("utf-8", "replace").strip()[-500:]
+        message = "%s of the new file failed (exit %s): %s" % (what, proc.returncode, tail)
+        raise LifecycleError(message)
+    return proc.stdout.decode("utf-8", "replace").strip()
+
+
+def upgrade(agent, run):
+    """Fetch, check and swap in the served agent, then ask to be re-executed. Everything before
+    the swap can fail or be cancelled and leaves the running agent as it was."""
+    spec = run.entry["spec"]
+    steps = DeploymentLog(agent, spec.get("deployment_id"), run)
+    client = agent.client
+    creds = client.credentials or {}
+    steps.say("fetching the signed manifest")
+    resp = client.request("GET", "/api/agents/files/manifest.json/")
+    if resp.status != 200:
+        raise LifecycleError("the server refused the manifest (HTTP %d)" % resp.status)
+    now = int(time.time() + client.clock_offset)
+    secret_key, agent_id = creds.get("secret_key", ""), creds.get("agent_id")
+    version, files = check_manifest(resp.data, secret_key, agent_id, now)
+    if version == __version__:
+        steps.say("already at version %s" % version)
+        return {"status": "succeeded", "note": "already at %s" % version}
+    steps.say("manifest ok: version %s, files %s" % (version, ", ".join(sorted(files))))
+    target = agent_file_path()
+    directory = os.path.dirname(target)
+    staged = {}
+    for name in sorted(files):
+        if name not in ("main.py", "requirements.txt"):
+            raise LifecycleError("the manifest names an unexpected file %r" % name)
+        resp = client.request("GET", "/api/agents/files/%s/" % name, timeout=60)
+        data = resp.raw
+        want = files[name] if isinstance(files[name], dict) else {}
+        if resp.status != 200 or hashlib.sha256(data).hexdigest() != want.get("sha256"):
+            raise LifecycleError("%s does not match the manifest's SHA-256" % name)
+        path = os.path.join(directory, name + ".new")
+        write_file_atomic(path, data, durable=True, mode=0o755 if name == "main.py" else 0o644)
+        staged[name] = path
+    steps.say("downloaded and verified %s" % ", ".join(sorted(staged)))
+    reported = check_child([sys.executable, staged["main.py"], "--version"], "--version")
+    if reported != version:
+        raise LifecycleError("the new file says version %r, the manifest %r" % (reported, version))
+    check_child([sys.executable, staged["main.py"], "--self-test"], "--self-test")
+    steps.say("self-test of version %s passed" % version)
+    steps.check_cancel()
+    agent.runner.drain(steps)
+    steps.check_cancel()
+    previous = target + ".prev"
+    with open(target, "rb") as f:
+        write_file_atomic(previous, f.read(), durable=True, mode=0o755)
+    marker = {
+        "deployment_id": spec.get("deployment_id"),
+        "from_version": __version__,
+        "to_version": version,
+        "previous": previous,
+        "deadline": time.time() + float(spec.get("timeout") or 120),
+    }
+    write_file_atomic(
+        os.path.join(agent.args.state_dir, UPGRADE_MARKER), canonical_json(marker), durable=True
+    )
+    for name, path in staged.items():
+        os.replace(path, os.path.join(directory, name))
+    steps.say("swapped in version %s; restarting the agent" % version)
+    return {"status": "succeeded", "then": "exec"}
+
+
+def stop(agent, run):
+    steps = DeploymentLog(agent, run.entry["spec"].get("deployment_id"), run)
+    steps.say("stopping the agent (running commands are stopped and reported)")
+    return {"status": "succeeded", "then": "stop"}
+
+
+def reexec(agent):
+    """Become the file on disk: same interpreter, same arguments, same state dir. The journal
+    carries everything unsent across (pipes do not survive exec, so nothing runs by now)."""
+    argv = [sys.executable, agent_file_path()] + sys.argv[1:]
+    log("info", "re-executing", argv=" ".join(argv))
+    with _log_lock:
+        sys.stderr.flush()
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])  # helper threads block SIGTERM; exec keeps masks
+    os.execv(sys.executable, argv)
+
+
+def check_upgrade_marker(agent):
+    """After an upgrade's exec: the new version must reach the server before the deadline or
+    the previous file is put back. After a rollback: say so and forget the upgrade."""
+    path = os.path.join(agent.args.state_dir, UPGRADE_MARKER)
+    marker = read_json(path)
+    if not marker:
+        return
+    steps = DeploymentLog(agent, marker.get("deployment_id"))
+    if marker.get("to_version") == __version__:
+        agent.pending_upgrade = marker
+        log("info", "upgraded; confirming with the server", version=__version__)
+        return
+    failed = marker.get("to_version")
+    steps.say("back on version %s after a failed upgrade to %s" % (__version__, failed))
+    with contextlib.suppress(OSError):
+        os.remove(path)
+
+
+def confirm_upgrade(agent):
+    """Called after each poll: the server has seen our version once a poll succeeded."""
+    marker = agent.pending_upgrade
+    steps = DeploymentLog(agent, marker.get("deployment_id"))
+    path = os.path.join(agent.args.state_dir, UPGRADE_MARKER)
+    if agent.polled_ok:
+        steps.say("agent running version %s (pid %d)" % (__version__, os.getpid()))
+        with contextlib.suppress(OSError):
+            os.remove(path)
+        agent.pending_upgrade = None
+        return
+    if time.time() < float(marker.get("deadline") or 0):
+        return
+    log("error", "the upgraded agent did not reach the server in time; rolling back")
+    previous = marker.get("previous")
+    if not previous or not os.path.isfile(previous):
+        log("error", "no previous file to roll back to", previous=previous)
+        agent.pending_upgrade = None
+        return
+    os.replace(previous, agent_file_path())
+    marker["rolled_back"] = True
+    write_file_atomic(path, canonical_json(marker), durable=True)
+    agent.shutdown()
+    reexec(agent)
+
+
+def is_internal(spec):
+    return isinstance(spec, dict) and spec.get("kind") == "internal"
+
+
+# ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
 
@@ -1263,6 +1588,8 @@ class Agent:
         self.config_known = False
         self.boot_id = read_boot_id()
         self.in_blocking_call = False
+        self.polled_ok = False
+        self.pending_upgrade = None  # the marker of an upgrade not yet confirmed
         self.runner = Runner(self)
         self.sender = Sender(self)
 
@@ -1382,6 +1709,7 @@ def main(argv=None):
             return 0
         agent.start_threads()
         agent.runner.recover()
+        check_upgrade_marker(agent)
         poll_forever(agent)
     except Shutdown:
         pass

@@ -6,7 +6,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from tether import wakeups
@@ -207,6 +207,19 @@ def request_deployment(
     hand the work to the agent (an internal command) or to a background worker (SSH)."""
     from tether.commands.services import queue_command
 
+    try:
+        return _request_deployment(kind, server, agent, user, server_url, queue_command)
+    except IntegrityError as exc:
+        # Only when two requests for one agent raced past each other (PostgreSQL, no row
+        # lock held yet): the database kept one; this one says so.
+        raise Conflict(
+            "another deployment of this agent started at the same moment", code="busy"
+        ) from exc
+
+
+def _request_deployment(
+    kind: str, server: Server, agent: Agent | None, user: Any, server_url: str, queue_command: Any
+) -> Deployment:
     with transaction.atomic():
         if agent is not None:
             # Serialises concurrent requests for one agent (SQLite serialises all writers).
@@ -282,6 +295,13 @@ def internal_command_finished(command: Any) -> None:
     if deployment.kind == K.STOP:
         Agent.objects.filter(pk=command.agent_id).update(status=Agent.Status.STOPPED)
         finish_deployment(deployment=deployment, status=S.SUCCEEDED, line="agent stopped")
+    elif deployment.kind == K.UPGRADE and command.agent.version == deployment.target_version:
+        finish_deployment(
+            deployment=deployment,
+            status=S.SUCCEEDED,
+            line=f"agent already at version {deployment.target_version}",
+        )
+        _settle_agent_status(deployment)
     elif deployment.kind == K.UPGRADE:
         append_log(
             deployment_id=deployment.pk,
