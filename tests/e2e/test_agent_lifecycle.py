@@ -4,6 +4,8 @@ rollback when the new file is not fit to run. Real server, real agent processes.
 import shutil
 import signal
 import threading
+import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -178,3 +180,29 @@ def test_a_second_upgrade_cancels_the_first_and_racing_requests_leave_one_runnin
     assert fleet.wait_final(busy["id"])["status"] in FINAL
     assert agent_row(fleet.api, agent_id)["version"] == served_version()
     assert agent_file.read_bytes() == AGENT.read_bytes()
+
+
+def test_stop_through_the_agent_leaves_it_stopped_and_its_queued_work_waiting(
+    fleet: Fleet,
+) -> None:
+    status, body = fleet.api.post(f"/api/agents/{fleet.agent_id}/stop/")
+
+    assert status == 202, body
+    assert body["method"] == "agent"
+    deployment = wait_deployment(fleet.api, body["deployment_id"])
+    assert deployment["status"] == "succeeded", deployment["log"]
+    assert "stopping the agent" in deployment["log"]
+    assert fleet.agent_proc.proc.wait(timeout=15) == 0  # a deliberate stop: exit status 0
+    waiting = fleet.send("echo after-the-stop")
+
+    def silent_past_the_offline_threshold() -> dict | None:
+        agent = agent_row(fleet.api, fleet.agent_id)
+        silent = time.time() - datetime.fromisoformat(agent["last_heartbeat"]).timestamp()
+        return agent if silent > 3 * 1 + 1 else None  # FAST_ENV: 1 s heartbeats
+
+    agent = wait_for(silent_past_the_offline_threshold, timeout=15, what="a silent agent")
+    assert agent["status"] == "stopped"  # not offline: the sweeper leaves it alone
+    assert fleet.command(waiting["id"])["status"] == "queued"
+    fleet.agent_proc.start()  # what `start` does over SSH: the same agent, same state dir
+    assert fleet.wait_final(waiting["id"])["stdout"] == "after-the-stop\n"
+    assert agent_row(fleet.api, fleet.agent_id)["status"] == "online"
