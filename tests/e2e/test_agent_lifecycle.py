@@ -98,48 +98,98 @@ def test_an_online_agent_upgrades_itself_and_keeps_its_running_command(old_fleet
     assert after["status"] == "succeeded" and after["stdout"] == "after-upgrade\n"
 
 
+class Release:
+    """A server of its own whose served agent file each test writes: a release that is
+    broken in one way or another."""
+
+    def __init__(self, directory: Path, server: TetherServer) -> None:
+        self.directory = directory
+        self.server = server
+
+    def publish(self, version: str, *edits: tuple[str, str]) -> None:
+        source = old_agent(self.directory / "build", version=version).read_text()
+        for old, new in edits:
+            assert old in source, old
+            source = source.replace(old, new, 1)
+        (self.directory / "main.py").write_text(source)
+
+
 @pytest.fixture(scope="module")
-def broken_release(tmp_path_factory: pytest.TempPathFactory) -> TetherServer:
-    """A server whose served agent claims a new version but fails its own self-test."""
-    release = tmp_path_factory.mktemp("release")
-    source = old_agent(release / "build", version="9.9.9").read_text()
-    source = source.replace(
-        "def self_test():\n", "def self_test():\n    return 1\n\n\ndef _unused_self_test():\n", 1
-    )
-    (release / "main.py").write_text(source)
-    shutil.copy(AGENT.parent / "requirements.txt", release / "requirements.txt")
+def release(tmp_path_factory: pytest.TempPathFactory) -> Release:
+    directory = tmp_path_factory.mktemp("release")
+    shutil.copy(AGENT.parent / "requirements.txt", directory / "requirements.txt")
     server = TetherServer(
-        tmp_path_factory.mktemp("tether-broken"), extra_env={"TETHER_AGENT_DIR": str(release)}
+        tmp_path_factory.mktemp("tether-release"),
+        extra_env={"TETHER_AGENT_DIR": str(directory), "TETHER_DEPLOY_ONLINE_DEADLINE": "4"},
     )
     server.setup().start()
-    yield server
+    yield Release(directory, server)
     server.kill(signal.SIGTERM)
 
 
-def test_a_release_that_fails_its_self_test_leaves_the_agent_as_it_was(
-    broken_release: TetherServer, tmp_path: Path
-) -> None:
+@pytest.fixture
+def release_fleet(release: Release, tmp_path: Path) -> Fleet:
     from tests.conftest import ADMIN_PASSWORD
 
-    api = broken_release.login("admin", ADMIN_PASSWORD)
-    fleet = Fleet(broken_release, api, tmp_path)
-    agent_file = old_agent(tmp_path / "install")
-    before = agent_file.read_bytes()
-    agent_id = fleet.start_agent(agent_file=agent_file)
-    try:
-        status, body = api.post(f"/api/agents/{agent_id}/upgrade/")
-
-        assert status == 202, body
-        deployment = wait_deployment(api, body["deployment_id"])
-        assert deployment["status"] == "failed", deployment["log"]
-        assert "--self-test of the new file failed" in deployment["log"]
-        assert deployment["target_version"] == "9.9.9"
-        assert agent_file.read_bytes() == before
-        agent = fleet.wait_online()
-        assert agent["version"] == "0.0.1"
-        assert fleet.run("echo still-here")["stdout"] == "still-here\n"
-    finally:
+    fleet = Fleet(release.server, release.server.login("admin", ADMIN_PASSWORD), tmp_path)
+    fleet.agent_file = old_agent(tmp_path / "install")
+    fleet.start_agent(agent_file=fleet.agent_file)
+    yield fleet
+    if fleet.agent_proc.proc.poll() is None:
         fleet.agent_proc.kill(signal.SIGTERM)
+
+
+def test_a_release_that_fails_its_self_test_leaves_the_agent_as_it_was(
+    release: Release, release_fleet: Fleet
+) -> None:
+    release.publish("9.9.9", ("def self_test():\n", "def self_test():\n    return 1\n"))
+    fleet, before = release_fleet, release_fleet.agent_file.read_bytes()
+
+    status, body = fleet.api.post(f"/api/agents/{fleet.agent_id}/upgrade/")
+
+    assert status == 202, body
+    deployment = wait_deployment(fleet.api, body["deployment_id"])
+    assert deployment["status"] == "failed", deployment["log"]
+    assert "--self-test of the new file failed" in deployment["log"]
+    assert deployment["target_version"] == "9.9.9"
+    assert fleet.agent_file.read_bytes() == before
+    agent = fleet.wait_online()
+    assert agent["version"] == "0.0.1"
+    assert fleet.run("echo still-here")["stdout"] == "still-here\n"
+
+
+def test_a_release_that_never_reaches_the_server_is_rolled_back(
+    release: Release, release_fleet: Fleet
+) -> None:
+    # Passes --version and --self-test, but once running it never polls the server.
+    release.publish(
+        "9.9.10",
+        (
+            "def poll_forever(agent):\n",
+            "def poll_forever(agent):\n"
+            "    while not agent.stopping.is_set():\n"
+            "        confirm_upgrade(agent) if agent.pending_upgrade else None\n"
+            "        time.sleep(0.1)\n",
+        ),
+    )
+    fleet, before = release_fleet, release_fleet.agent_file.read_bytes()
+
+    status, body = fleet.api.post(f"/api/agents/{fleet.agent_id}/upgrade/")
+
+    assert status == 202, body
+    deployment = wait_deployment(fleet.api, body["deployment_id"], timeout=30)
+    assert deployment["status"] == "failed", deployment["log"]
+    assert "swapped in version 9.9.10" in deployment["log"]
+    assert "waited for the agent at version 9.9.10" in deployment["log"]
+
+    def back_on_the_old_version() -> dict | None:
+        agent = agent_row(fleet.api, fleet.agent_id)
+        return agent if agent["status"] == "online" and agent["version"] == "0.0.1" else None
+
+    wait_for(back_on_the_old_version, timeout=30, what="the old agent back online")
+    assert fleet.agent_file.read_bytes() == before
+    assert fleet.agent_proc.proc.poll() is None
+    assert fleet.run("echo rolled-back")["stdout"] == "rolled-back\n"
 
 
 def test_a_second_upgrade_cancels_the_first_and_racing_requests_leave_one_running(
