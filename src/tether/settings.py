@@ -147,7 +147,7 @@ MAX_DEPLOYMENT_LOG_BYTES = env_int("TETHER_MAX_DEPLOYMENT_LOG_BYTES", 1024 * 102
 # `tether serve` runs WORKER_THREADS workers in-process (0: run `tether worker` instead).
 TASKS = {"default": {"BACKEND": "django_tasks_db.DatabaseBackend"}}
 WORKER_THREADS = env_int("TETHER_WORKER_THREADS", 2)
-WORKER_INTERVAL = env_float("TETHER_WORKER_INTERVAL", 0.5)
+WORKER_INTERVAL = env_float("TETHER_WORKER_INTERVAL", 1.0)  # `tether worker` polling
 # Agent lifecycle: how long an upgraded or started agent has to come back online, and how
 # long an SSH run may take before it is stopped.
 DEPLOY_ONLINE_DEADLINE = env_float("TETHER_DEPLOY_ONLINE_DEADLINE", 120)

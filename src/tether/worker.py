@@ -1,48 +1,70 @@
 """The background-task worker: threads inside `tether serve` by default, or its own process
-(`tether worker`) when deployments should not share the web server's CPU."""
+(`tether worker`) when deployments should not share the web server's CPU.
+
+In-process workers do not poll the queue in a tight loop (on SQLite every look takes the write
+lock that the agent path needs): a task enqueued by this process wakes them at once, and they
+look every IDLE_CHECK seconds for tasks that another process enqueued."""
 
 import logging
 import threading
 
-from django.conf import settings
 from django.utils.crypto import get_random_string
+from django_tasks.signals import task_enqueued
 from django_tasks_db.management.commands.db_worker import Worker
 
 log = logging.getLogger("tether.worker")
 
-
-def new_worker() -> Worker:
-    return Worker(
-        queue_names=["*"],
-        interval=settings.WORKER_INTERVAL,
-        batch=False,
-        backend_name="default",
-        startup_delay=False,
-        max_tasks=None,
-        worker_id=get_random_string(32),
-        excluded_queue_names=[],
-    )
+IDLE_CHECK = 5.0
 
 
-def start_worker_threads(count: int) -> list[Worker]:
-    """Start `count` workers on daemon threads. Signals stay with the server: a thread's
-    worker is stopped by clearing its `running` flag (stop_workers)."""
-    workers = []
-    for number in range(count):
-        worker = new_worker()
-        thread = threading.Thread(target=_run, args=(worker,), name=f"worker-{number}", daemon=True)
+class WorkerThread(threading.Thread):
+    def __init__(self, number: int) -> None:
+        super().__init__(name=f"task-worker-{number}", daemon=True)
+        self.wake = threading.Event()
+        self.running = True
+
+    def run(self) -> None:
+        while self.running:
+            # Batch mode: run what is ready, then return here to wait.
+            worker = Worker(
+                queue_names=["*"],
+                interval=0,
+                batch=True,
+                backend_name="default",
+                startup_delay=False,
+                max_tasks=None,
+                worker_id=get_random_string(32),
+                excluded_queue_names=[],
+            )
+            try:
+                worker.run()
+            except Exception:
+                log.exception("task worker failed; retrying")
+            self.wake.wait(IDLE_CHECK)
+            self.wake.clear()
+
+
+_threads: list[WorkerThread] = []
+
+
+def _wake_all(**_: object) -> None:
+    for thread in _threads:
+        thread.wake.set()
+
+
+def start_worker_threads(count: int) -> list[WorkerThread]:
+    """Start `count` workers on daemon threads; signals stay with the server."""
+    threads = [WorkerThread(number) for number in range(count)]
+    _threads.extend(threads)
+    if threads:
+        task_enqueued.connect(_wake_all, dispatch_uid="tether.worker.wake")
+    for thread in threads:
         thread.start()
-        workers.append(worker)
-    return workers
+    return threads
 
 
-def _run(worker: Worker) -> None:
-    try:
-        worker.run()
-    except Exception:
-        log.exception("task worker stopped")
-
-
-def stop_workers(workers: list[Worker]) -> None:
-    for worker in workers:
-        worker.running = False
+def stop_workers(threads: list[WorkerThread]) -> None:
+    """A task already running finishes in its thread (it is a daemon: exit does not wait)."""
+    for thread in threads:
+        thread.running = False
+        thread.wake.set()
