@@ -93,6 +93,7 @@ def finish_deployment(*, deployment: Deployment, status: str, line: str = "") ->
         deployment.status = status
         deployment.finished_at = timezone.now()
         deployment.save()
+        _settle_agent_status(deployment)
         wakeups.notify_on_commit(deployment_key(deployment.pk))
     return deployment
 
@@ -290,7 +291,6 @@ def internal_command_finished(command: Any) -> None:
     if command.status != Command.Status.SUCCEEDED:
         reason = command.error or output_text(command, "stderr")[-2000:] or command.status
         finish_deployment(deployment=deployment, status=S.FAILED, line=f"failed: {reason.strip()}")
-        _settle_agent_status(deployment)
         return
     if deployment.kind == K.STOP:
         Agent.objects.filter(pk=command.agent_id).update(status=Agent.Status.STOPPED)
@@ -301,7 +301,6 @@ def internal_command_finished(command: Any) -> None:
             status=S.SUCCEEDED,
             line=f"agent already at version {deployment.target_version}",
         )
-        _settle_agent_status(deployment)
     elif deployment.kind == K.UPGRADE:
         append_log(
             deployment_id=deployment.pk,
@@ -320,11 +319,11 @@ def agent_reported_version(agent: Agent, version: str) -> None:
             status=S.SUCCEEDED,
             line=f"agent online at version {version}",
         )
-        _settle_agent_status(deployment)
 
 
 def _settle_agent_status(deployment: Deployment) -> None:
-    """After an upgrade ends, an agent shown as upgrading is online or offline again."""
+    """After an upgrade ends (whichever way, by whichever method), an agent shown as
+    upgrading is online or offline again."""
     if deployment.agent_id is None or deployment.kind != K.UPGRADE:
         return
     agent = Agent.objects.get(pk=deployment.agent_id)
@@ -356,6 +355,5 @@ def expire_deployments() -> int:
                 continue
             for command in Command.objects.filter(deployment=done).exclude(status__in=states.FINAL):
                 cancel_command(command=command, user=None)
-            _settle_agent_status(done)
             count += 1
     return count
