@@ -783,6 +783,9 @@ class Runner:
             outcome = {"status": "cancelled", "error": str(exc)}
         except (LifecycleError, TransientError, OSError) as exc:
             outcome = {"status": "failed", "error": str(exc)}
+        except Exception as exc:  # a bug: report it, and never leave new commands held
+            log("error", "internal command failed", id=run.id, trace=traceback.format_exc())
+            outcome = {"status": "failed", "error": "agent error: %r" % exc}
         then = outcome.pop("then", None)
         outcome.pop("note", None)
         if then != "exec":
