@@ -96,6 +96,17 @@ class CreateServerTestCase(BaseTestCase):
                 self.assertError(self.create(host=host), 400, "invalid")
         self.assertFalse(Server.objects.filter(name="alice-db").exists())
 
+    def test_it_refuses_an_agent_dir_that_is_not_a_plain_absolute_path(self) -> None:
+        for agent_dir in ("opt/agent", "/opt/a b", "/opt/{{ lookup('pipe','id') }}", "/opt/../etc"):
+            with self.subTest(agent_dir=agent_dir):
+                self.assertError(self.create(agent_dir=agent_dir), 400, "invalid")
+        self.assertFalse(Server.objects.filter(name="alice-db").exists())
+
+    def test_it_refuses_a_bad_ssh_user(self) -> None:
+        for user in ("-oProxyCommand=id", "root admin", "{{ x }}", ""):
+            with self.subTest(user=user):
+                self.assertError(self.create(ssh_user=user), 400, "invalid")
+
     def test_it_refuses_a_bad_port(self) -> None:
         for port in (0, 65536, "ssh"):
             with self.subTest(port=port):

@@ -1,8 +1,13 @@
+import re
+
 from rest_framework import serializers
 
 from tether.serializers import StrictInputMixin, TagList
 
 from ..models import Agent, Server
+
+AGENT_DIR = re.compile(r"/[A-Za-z0-9._/+-]{1,254}")
+SSH_USER = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
 
 
 class ServerSerializer(StrictInputMixin, serializers.ModelSerializer):
@@ -42,6 +47,19 @@ class ServerSerializer(StrictInputMixin, serializers.ModelSerializer):
             taken = taken.exclude(pk=self.instance.pk)
         if taken.exists():
             raise serializers.ValidationError("You already have a server with this name.")
+        return value
+
+    def validate_agent_dir(self, value: str) -> str:
+        # It ends up in a systemd ExecStart line and in the agent's paths: a plain absolute path.
+        if not AGENT_DIR.fullmatch(value) or "/../" in value + "/":
+            raise serializers.ValidationError(
+                "Enter an absolute path of letters, digits and . _ - + / only."
+            )
+        return value
+
+    def validate_ssh_user(self, value: str) -> str:
+        if not SSH_USER.fullmatch(value):
+            raise serializers.ValidationError("Enter a user name (letters, digits, _ . -).")
         return value
 
     def validate_host(self, value: str) -> str:
