@@ -17,6 +17,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -409,8 +410,10 @@ def _run_playbook(
 
 
 def _close_ssh_masters(control_dir: Path) -> None:
-    """End the multiplexing connections Ansible left behind (ControlPersist): their sockets
-    live in the directory about to be removed, and a cancelled run never closes them."""
+    """End the multiplexing connections Ansible left behind (ControlPersist). A cancelled run
+    never closes them, and a master still connecting when Ansible was killed lives on in a
+    session of its own, where it would recreate the run's directory to record a host key: ask
+    each socket to exit, then stop any ssh process still using this run's control path."""
     for socket_path in control_dir.glob("*"):
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             subprocess.run(
@@ -419,6 +422,13 @@ def _close_ssh_masters(control_dir: Path) -> None:
                 timeout=5,
                 check=False,
             )
+    marker = str(control_dir).encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if marker in (proc / "cmdline").read_bytes():
+                os.kill(int(proc.name), signal.SIGTERM)
 
 
 def _tail(runner: Any, lines: int = 5) -> str:
