@@ -763,18 +763,25 @@ class Runner:
         for run in held:
             self.submit(run)
 
-    def execute_internal(self, run):
-        """An upgrade or stop, reported like any command; what follows it (exec, stop) happens
-        once its result has reached the server, or is at least on disk."""
-        spec = run.entry["spec"]
+    def mark_started(self, run):
+        """accepted -> started, durable before anything runs: after any crash this id is never
+        run again. False when a cancel (or another worker) got to the run first."""
         with run.lock:
             if run.state != "accepted":
-                return
+                return False
             run.entry["state"] = "started"
             run.entry["started_at"] = time.time()
             run.entry["boot_id"] = self.agent.boot_id
             self.agent.journal.save(run.entry, durable=True)
         run.started_mono = time.monotonic()
+        return True
+
+    def execute_internal(self, run):
+        """An upgrade or stop, reported like any command; what follows it (exec, stop) happens
+        once its result has reached the server, or is at least on disk."""
+        spec = run.entry["spec"]
+        if not self.mark_started(run):
+            return
         self.agent.sender.add(run)
         action = {"upgrade": upgrade, "stop": stop}[spec["command"]]
         try:
@@ -860,15 +867,8 @@ class Runner:
         spec = run.entry["spec"]
         argv = self.argv_for(spec)
         journal = self.agent.journal
-        with run.lock:
-            if run.state != "accepted":
-                return
-            run.entry["state"] = "started"
-            run.entry["started_at"] = time.time()
-            run.entry["boot_id"] = self.agent.boot_id
-            # Durable before the process exists: after any crash this id is never run again.
-            journal.save(run.entry, durable=True)
-        run.started_mono = time.monotonic()
+        if not self.mark_started(run):
+            return
         spool = {
             s: os.open(journal.spool_path(run.id, s), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
             for s in STREAMS
