@@ -686,12 +686,14 @@ class Runner:
         ]
         self.shell = ["bash", "-c"]
         # While an upgrade drains, new commands are held (they stay `accepted` on disk and run
-        # after the exec, or here again if the upgrade stops short); `busy` counts the workers
-        # between taking a run and finishing it.
+        # after the exec, or here again if the upgrade stops short); `busy` counts the shell
+        # commands between being taken by a worker and finishing. Internal commands run one at
+        # a time, so one drain owns `draining`.
         self.gate = threading.Lock()
         self.draining = False
         self.held = []
         self.busy = 0
+        self.internal_lock = threading.Lock()
 
     def start(self):
         for thread in self.threads:
@@ -715,14 +717,16 @@ class Runner:
                 return
             if self.agent.stopping.is_set():
                 continue  # stays `accepted` on disk and runs after the restart
+            internal = is_internal(run.entry.get("spec"))
             with self.gate:
-                if self.draining and not is_internal(run.entry.get("spec")):
+                if self.draining and not internal:
                     self.held.append(run)
                     continue
-                self.busy += 1
+                self.busy += not internal
             try:
-                if is_internal(run.entry.get("spec")):
-                    self.execute_internal(run)
+                if internal:
+                    with self.internal_lock:
+                        self.execute_internal(run)
                 else:
                     self.execute(run)
             except Exception as exc:  # a bug must not take the worker or the command down silently
@@ -737,7 +741,7 @@ class Runner:
                     log("error", "could not record the failure", id=run.id, error=repr(again))
             finally:
                 with self.gate:
-                    self.busy -= 1
+                    self.busy -= not internal
 
     def drain(self, steps):
         """Hold new commands and wait until the running ones end: an exec would cut their
@@ -747,7 +751,7 @@ class Runner:
         told = False
         while True:
             with self.gate:
-                others = self.busy - 1  # the upgrade's own worker
+                others = self.busy
             if others <= 0:
                 return
             if not told:
@@ -797,6 +801,9 @@ class Runner:
         outcome.pop("note", None)
         if then != "exec":
             self.undrain()
+        if then == "stop" and run.cancel_requested:
+            outcome = {"status": "cancelled", "error": "cancelled by the server"}
+            then = None
         outcome.update(started_at=run.entry["started_at"], finished_at=time.time())
         self.finish(run, outcome)
         if then:
@@ -1400,13 +1407,15 @@ class DeploymentLog:
         self.deployment_id = deployment_id
         self.run = run
 
-    def say(self, message):
+    def say(self, message, failed=False):
+        """`failed` ends the deployment as failed (the server lets an agent fail its own)."""
         log("info", "deployment step", deployment=self.deployment_id, step=message)
         if self.deployment_id is None:
             return
         path = "/api/agents/deployment/%s/progress/" % self.deployment_id
+        body = {"log": message, "status": "failed"} if failed else {"log": message}
         try:
-            resp = self.agent.client.request("POST", path, {"log": message})
+            resp = self.agent.client.request("POST", path, body)
         except TransientError as exc:
             log("warn", "deployment log not sent", error=exc)
             return
@@ -1486,7 +1495,7 @@ def upgrade(agent, run):
         "from_version": __version__,
         "to_version": version,
         "previous": previous,
-        "deadline": time.time() + float(spec.get("timeout") or 120),
+        "deadline": time.time() + float(spec.get("confirm_within") or spec.get("timeout") or 60),
     }
     write_file_atomic(
         os.path.join(agent.args.state_dir, UPGRADE_MARKER), canonical_json(marker), durable=True
@@ -1499,7 +1508,9 @@ def upgrade(agent, run):
 
 def stop(agent, run):
     steps = DeploymentLog(agent, run.entry["spec"].get("deployment_id"), run)
+    steps.check_cancel()
     steps.say("stopping the agent (running commands are stopped and reported)")
+    steps.check_cancel()  # the answer to that line tells of a cancel
     return {"status": "succeeded", "then": "stop"}
 
 
@@ -1507,7 +1518,7 @@ def reexec(agent):
     """Become the file on disk: same interpreter, same arguments, same state dir. The journal
     carries everything unsent across (pipes do not survive exec, so nothing runs by now)."""
     argv = [sys.executable, agent_file_path()] + sys.argv[1:]
-    log("info", "re-executing", argv=" ".join(argv))
+    log("info", "re-executing", file=agent_file_path())  # not argv: it may hold the token
     with _log_lock:
         sys.stderr.flush()
     signal.pthread_sigmask(signal.SIG_SETMASK, [])  # helper threads block SIGTERM; exec keeps masks
@@ -1526,8 +1537,11 @@ def check_upgrade_marker(agent):
         agent.pending_upgrade = marker
         log("info", "upgraded; confirming with the server", version=__version__)
         return
-    failed = marker.get("to_version")
-    steps.say("back on version %s after a failed upgrade to %s" % (__version__, failed))
+    steps.say(
+        "rolled back: version %s did not reach the server in time; back on version %s"
+        % (marker.get("to_version"), __version__),
+        failed=True,
+    )
     with contextlib.suppress(OSError):
         os.remove(path)
 

@@ -112,6 +112,30 @@ class LifecycleTestCase(BaseTestCase):
         active = Deployment.objects.filter(agent=self.agent, status__in=["queued", "running"])
         self.assertEqual(active.count(), 1)
 
+    def test_cancelling_a_deployment_cancels_the_command_carrying_it_out(self) -> None:
+        deployment_id = self.lifecycle("stop").json()["deployment_id"]
+        self.deliver()
+
+        response = self.post_json(f"/api/deployments/{deployment_id}/cancel/", {})
+
+        self.assertEqual(response.status_code, 202, response.content)
+        self.assertTrue(self.internal_command(deployment_id).cancel_requested)
+        self.assertEqual(self.deliver(), [])  # never handed out again
+
+    def test_an_agent_can_fail_its_own_deployment_but_not_succeed_it(self) -> None:
+        deployment_id = self.lifecycle("upgrade").json()["deployment_id"]
+        Agent.objects.filter(pk=self.agent.pk).update(signs_requests=False)
+        url = f"/api/agents/deployment/{deployment_id}/progress/"
+
+        self.assertError(self.agent_post(url, {"log": "x", "status": "succeeded"}), 400)
+        response = self.agent_post(url, {"log": "back on version 1.0.0", "status": "failed"})
+
+        self.assertEqual(response.status_code, 200, response.content)
+        self.assertEqual(response.json()["deployment_status"], "failed")
+        deployment = Deployment.objects.get(pk=deployment_id)
+        self.assertIn("back on version 1.0.0", deployment.log)
+        self.assertEqual(self.internal_command(deployment_id).status, "cancelled")
+
     def test_stop_ends_with_the_agent_stopped_and_a_later_poll_brings_it_back(self) -> None:
         deployment_id = self.lifecycle("stop").json()["deployment_id"]
         command = self.internal_command(deployment_id)
@@ -235,6 +259,7 @@ class EnrollmentTokenTestCase(BaseTestCase):
 
         self.assertEqual(response.status_code, 201, response.content)
         self.assertEqual(response.json()["server_id"], self.server.pk)
+        self.assertEqual(Deployment.objects.get(pk=deployment.pk).agent.hostname, "new-host")
         services.finish_deployment(deployment=deployment, status="succeeded")
         self.assertError(self.post_json("/api/agents/register/", body), 401)
         self.assertNotIn(token, Deployment.objects.get(pk=deployment.pk).enroll_token_hash)

@@ -99,9 +99,9 @@ class SshDeploymentTestCase(BaseTestCase):
         self.assertEqual(extravars["agent_config"]["state_dir"], "/opt/tether agent/state")
         self.assertTrue(Path(extravars["agent_files"]["main"]).is_file())
         self.assertTrue(Path(extravars["agent_files"]["requirements"]).is_file())
-        # The token is a one-time enrollment token the server accepts for this deployment.
+        # A registration token the server accepts only while this deployment runs.
         token = extravars["agent_config"]["server_token"]
-        self.assertEqual(services.server_for_enrollment_token(token), None)  # now failed
+        self.assertIsNone(services.deployment_for_enrollment_token(token))  # now failed
         self.assertEqual(seen["modes"], {n: 0o600 for n in seen["modes"]} | {".": 0o700})
         self.assertTrue(seen["key"].endswith("-----\n"))
         self.assertEqual(seen["kw"]["playbook"], "install_agent.yml")
@@ -116,7 +116,7 @@ class SshDeploymentTestCase(BaseTestCase):
         def during(workdir: Path) -> None:
             extravars = read_data(workdir / "env" / "extravars")
             token = extravars["agent_config"]["server_token"]
-            found.append(services.server_for_enrollment_token(token))
+            found.append(services.deployment_for_enrollment_token(token).server)
 
         self.run_with(deployment, "failed", during=during)
 
@@ -207,6 +207,7 @@ class SshDeploymentTestCase(BaseTestCase):
         deployment = self.deployment("install")
 
         def agent_registers(workdir: Path) -> None:
+            services.record_enrolled_agent(deployment, self.agent)  # registered with its token
             Agent.objects.filter(pk=self.agent.pk).update(last_heartbeat=timezone.now())
 
         self.run_with(deployment, "successful", during=agent_registers)

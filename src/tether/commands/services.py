@@ -117,6 +117,9 @@ def as_delivered(command: Command) -> dict[str, Any]:
     }
     if command.deployment_id is not None:
         delivered["deployment_id"] = command.deployment_id
+        # How long an upgraded agent has to reach the server before it rolls back: half the
+        # server's wait, so that the rollback is reported while the deployment is open.
+        delivered["confirm_within"] = settings.DEPLOY_ONLINE_DEADLINE / 2
     return delivered
 
 

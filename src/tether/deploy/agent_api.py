@@ -13,6 +13,8 @@ from .models import Deployment
 
 class DeploymentLogInput(serializers.Serializer):
     log = RawText()
+    # An agent may end its own deployment as failed (a rolled-back upgrade), never succeed it.
+    status = serializers.ChoiceField(choices=["failed"], required=False)
 
 
 class DeploymentProgressView(AgentAPIView):
@@ -26,5 +28,9 @@ class DeploymentProgressView(AgentAPIView):
             )
         except Deployment.DoesNotExist as exc:
             raise exceptions.NotFound("No such deployment for this agent.") from exc
+        if data.validated_data.get("status") == "failed":
+            deployment = services.end_deployment(
+                deployment=deployment, status=Deployment.Status.FAILED, line=""
+            )
         # The agent learns here that its deployment was cancelled.
         return Response({"status": "ok", "deployment_status": deployment.status})

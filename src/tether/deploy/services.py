@@ -1,7 +1,7 @@
 """Deployment lifecycle: create, append to the log, finish, cancel. One transaction each."""
 
 import re
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from django.conf import settings
@@ -98,14 +98,30 @@ def finish_deployment(*, deployment: Deployment, status: str, line: str = "") ->
     return deployment
 
 
+def end_deployment(
+    *, deployment: Deployment, status: str, line: str, user: AbstractBaseUser | None = None
+) -> Deployment:
+    """End a deployment and cancel the internal commands still carrying it out, so that an
+    agent does not go on to stop or swap itself for a deployment that is over."""
+    from tether.commands.models import Command
+    from tether.commands.services import cancel_command
+
+    with transaction.atomic():
+        done = finish_deployment(deployment=deployment, status=status, line=line)
+        for command in Command.objects.filter(deployment=done).exclude(status__in=states.FINAL):
+            cancel_command(command=command, user=user)
+    return done
+
+
 def cancel_deployment(*, deployment: Deployment, user: AbstractBaseUser | None) -> Deployment:
+    """An operator's cancel; a finished deployment answers 409."""
     if deployment.status in FINAL:
         raise Conflict(f"deployment is already {deployment.status}", code="already_final")
     with transaction.atomic():
         audit(user=user, action="deployment.cancel", target=deployment)
         who: Any = getattr(user, "username", None) or "the server"
-        return finish_deployment(
-            deployment=deployment, status=S.CANCELLED, line=f"cancelled by {who}"
+        return end_deployment(
+            deployment=deployment, status=S.CANCELLED, line=f"cancelled by {who}", user=user
         )
 
 
@@ -142,12 +158,24 @@ def new_enrollment_token(deployment: Deployment) -> str:
     return token
 
 
-def server_for_enrollment_token(token: str) -> Server | None:
+def deployment_for_enrollment_token(token: str) -> Deployment | None:
+    """The active SSH deployment whose registration token this is (none once it ended)."""
     active = Deployment.objects.filter(
         enroll_token_hash=credentials.hash_token(token), status__in=ACTIVE
     ).select_related("server")
-    deployment = active.first()
-    return deployment.server if deployment else None
+    return active.first()
+
+
+def record_enrolled_agent(deployment: Deployment, agent: Agent) -> None:
+    """An install learns which agent it brought up: the one that registered with its token.
+    Left unrecorded if that agent is busy with another deployment (the database allows one)."""
+    if deployment.agent_id is not None:
+        return
+    try:
+        with transaction.atomic():
+            Deployment.objects.filter(pk=deployment.pk, agent=None).update(agent=agent)
+    except IntegrityError:
+        pass
 
 
 def agent_is_online(agent: Agent) -> bool:
@@ -169,22 +197,25 @@ def _check_ssh_ready(server: Server) -> None:
 def _supersede(*, agent: Agent | None, server: Server, kind: str, user: Any) -> None:
     """The latest request wins: an agent's (or, for installs, a server's) active deployment is
     cancelled before a new one starts, and so is the internal command carrying it out."""
-    from tether.commands.models import Command
-    from tether.commands.services import cancel_command
-
     active = Deployment.objects.select_for_update().filter(status__in=ACTIVE)
     active = active.filter(agent=agent) if agent else active.filter(server=server, kind=kind)
     who = getattr(user, "username", None) or "the server"
     for old in active:
-        finish_deployment(
-            deployment=old, status=S.CANCELLED, line=f"superseded by a new {kind} from {who}"
+        end_deployment(
+            deployment=old,
+            status=S.CANCELLED,
+            line=f"superseded by a new {kind} from {who}",
+            user=user,
         )
-        for command in Command.objects.filter(deployment=old).exclude(status__in=states.FINAL):
-            cancel_command(command=command, user=user)
 
 
-def _deadline(extra: float = 0) -> datetime:
-    return timezone.now() + timedelta(seconds=settings.DEPLOY_ONLINE_DEADLINE + extra)
+def ssh_run_started(deployment: Deployment) -> None:
+    """A worker took up the SSH run: from now on the playbook and the wait for the agent have
+    their time, and a backstop past it fails a run whose worker died."""
+    budget = settings.DEPLOY_SSH_TIMEOUT + settings.DEPLOY_ONLINE_DEADLINE + 60
+    deadline = timezone.now() + timedelta(seconds=budget)
+    Deployment.objects.filter(pk=deployment.pk).update(deadline=deadline)
+    deployment.deadline = deadline
 
 
 def _longest_running(agent: Agent) -> float:
@@ -240,7 +271,10 @@ def _request_deployment(
         deployment.server_url = server_url
         if method == M.AGENT:
             assert agent is not None
-            deployment.deadline = _deadline(_longest_running(agent))
+            # The agent swaps only once its running commands have ended: its command and the
+            # deployment both allow for the longest of them.
+            budget = settings.DEPLOY_ONLINE_DEADLINE + _longest_running(agent)
+            deployment.deadline = timezone.now() + timedelta(seconds=budget)
             deployment.save(update_fields=["server_url", "deadline"])
             verb = "upgrade to " + deployment.target_version if kind == K.UPGRADE else kind
             append_log(deployment_id=deployment.pk, text=f"asking the agent to {verb}")
@@ -248,12 +282,13 @@ def _request_deployment(
                 agent=agent,
                 command=kind,
                 kind="internal",
-                timeout=int(settings.DEPLOY_ONLINE_DEADLINE),
+                timeout=int(budget),
                 deployment=deployment,
             )
         else:
-            deployment.deadline = _deadline(settings.DEPLOY_SSH_TIMEOUT + 60)
-            deployment.save(update_fields=["server_url", "deadline"])
+            # Its deadline is set when a worker starts it (ssh_run_started): a queue of
+            # installs must not use up the time of the ones at its end.
+            deployment.save(update_fields=["server_url"])
             transaction.on_commit(lambda: _enqueue_ssh(deployment.pk))
         if kind == K.UPGRADE and agent is not None:
             Agent.objects.filter(pk=agent.pk).update(status=Agent.Status.UPGRADING)
@@ -302,10 +337,15 @@ def internal_command_finished(command: Any) -> None:
             line=f"agent already at version {deployment.target_version}",
         )
     elif deployment.kind == K.UPGRADE:
+        # From the swap on, the new agent has the full online deadline to come back. It rolls
+        # back after half of it (confirm_within), so its report of that still finds the
+        # deployment open.
         append_log(
             deployment_id=deployment.pk,
             text=f"agent swapped in {deployment.target_version}; waiting for it to come back",
         )
+        deadline = timezone.now() + timedelta(seconds=settings.DEPLOY_ONLINE_DEADLINE)
+        Deployment.objects.filter(pk=deployment.pk).update(deadline=deadline)
 
 
 def agent_reported_version(agent: Agent, version: str) -> None:
@@ -336,24 +376,16 @@ def _settle_agent_status(deployment: Deployment) -> None:
 def expire_deployments() -> int:
     """Deployments past their deadline fail: an agent that never came back, a worker that
     died mid-run. Their internal commands are cancelled."""
-    from tether.commands.models import Command
-    from tether.commands.services import cancel_command
-
     overdue = Deployment.objects.filter(status__in=ACTIVE, deadline__lt=timezone.now())
     count = 0
     for deployment in overdue:
         waited_for = "the agent"
         if deployment.target_version:
             waited_for += f" at version {deployment.target_version}"
-        with transaction.atomic():
-            done = finish_deployment(
-                deployment=deployment,
-                status=S.FAILED,
-                line=f"failed: no result within the deadline (waited for {waited_for})",
-            )
-            if done.status != S.FAILED:
-                continue
-            for command in Command.objects.filter(deployment=done).exclude(status__in=states.FINAL):
-                cancel_command(command=command, user=None)
-            count += 1
+        done = end_deployment(
+            deployment=deployment,
+            status=S.FAILED,
+            line=f"failed: no result within the deadline (waited for {waited_for})",
+        )
+        count += done.status == S.FAILED
     return count

@@ -283,7 +283,7 @@ class CancelCheck:
                 .values_list("status", flat=True)
                 .first()
             )
-            self.cancelled = status in (None, S.CANCELLED)
+            self.cancelled = status is None or status in services.FINAL
         return self.cancelled
 
 
@@ -306,6 +306,7 @@ def run_ssh_deployment(deployment_id: int) -> None:
     def fail(line: str) -> None:
         services.finish_deployment(deployment=deployment, status=S.FAILED, line=f"failed: {line}")
 
+    services.ssh_run_started(deployment)
     write(
         f"{deployment.kind} over SSH: {server.ssh_user}@{server.host}:{server.ssh_port}, "
         f"agent dir {server.agent_dir}"
@@ -453,17 +454,22 @@ def _record_host_keys(server: Server, known_hosts: Path) -> None:
 
 
 def _cancelled(deployment_id: int) -> bool:
+    """Cancelled, or ended another way meanwhile (its deadline): stop working on it."""
     status = Deployment.objects.filter(pk=deployment_id).values_list("status", flat=True).first()
-    return status in (None, S.CANCELLED)
+    return status is None or status in services.FINAL
 
 
 def _online_agent(deployment: Deployment) -> Agent | None:
     """The agent this deployment waits for, once it has shown up as the deployment wants."""
     started = deployment.started_at
-    agents = Agent.objects.filter(server_id=deployment.server_id, last_heartbeat__gt=started)
     if deployment.kind == K.INSTALL:
-        return agents.order_by("-last_heartbeat").first()
-    agents = agents.filter(pk=deployment.agent_id)
+        # The agent that registered with this deployment's token (record_enrolled_agent).
+        deployment.refresh_from_db(fields=["agent"])
+        if deployment.agent_id is None:
+            return None
+    agents = Agent.objects.filter(pk=deployment.agent_id, last_heartbeat__gt=started)
+    if deployment.kind == K.INSTALL:
+        return agents.first()
     if deployment.kind == K.UPGRADE:
         target = deployment.target_version or services.agent_version()
         return agents.filter(version=target).first()
@@ -483,9 +489,6 @@ def _wait_online(deployment: Deployment, fail: Callable[[str], None]) -> None:
                 status=S.SUCCEEDED,
                 line=f"agent {agent.hostname} online at version {agent.version or 'unknown'}",
             )
-            if deployment.agent_id is None:
-                # Now final, so the one-active-deployment-per-agent rule cannot object.
-                Deployment.objects.filter(pk=deployment.pk).update(agent=agent)
             return
         time.sleep(ONLINE_POLL_INTERVAL)
     fail(

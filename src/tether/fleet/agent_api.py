@@ -19,6 +19,7 @@ from tether import wakeups
 from tether.agent_views import AgentAPIView, agent_endpoint, check_body_size, error_response
 from tether.commands import services as command_services
 from tether.db import run_db
+from tether.deploy import services as deploy_services
 from tether.errors import TetherError, json_error
 
 from . import credentials, services
@@ -71,7 +72,12 @@ class RegisterView(APIView):
         data = RegisterInput(data=request.data)
         data.is_valid(raise_exception=True)
         fields = dict(data.validated_data)
-        server = services.server_for_token(fields.pop("server_token"))
+        token = fields.pop("server_token")
+        server = services.server_for_token(token)
+        # An SSH install hands the agent its deployment's registration token instead.
+        enrollment = None if server else deploy_services.deployment_for_enrollment_token(token)
+        if enrollment is not None:
+            server = enrollment.server
         if server is None:
             raise TetherError(
                 "Invalid server token.", code="authentication_failed", status_code=401
@@ -80,6 +86,8 @@ class RegisterView(APIView):
             server=server, signing=fields.pop("signing", None) == "hmac-sha256", **fields
         )
         agent = registration.agent
+        if enrollment is not None:
+            deploy_services.record_enrolled_agent(enrollment, agent)
         return Response(
             {
                 "agent_id": agent.pk,
@@ -191,8 +199,6 @@ class ManifestView(AgentAPIView):
 
     @extend_schema(responses={200: dict}, tags=["agent"])
     def get(self, request: Request) -> Response:
-        from tether.deploy.services import agent_version
-
         agent = self.get_agent()
         files = {}
         for name in AGENT_FILES:
@@ -202,7 +208,7 @@ class ManifestView(AgentAPIView):
                 files[name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
         manifest = {
             "agent_id": agent.pk,
-            "version": agent_version(),
+            "version": deploy_services.agent_version(),
             "files": files,
             "issued_at": int(time.time()),
         }

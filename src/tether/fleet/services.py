@@ -105,12 +105,7 @@ class Registration:
 
 
 def server_for_token(server_token: str) -> Server | None:
-    """The server a registration token belongs to: its server token, or the one-time token of
-    an SSH deployment that is installing or restarting an agent there."""
-    from tether.deploy.services import server_for_enrollment_token
-
-    server = Server.objects.filter(token_hash=credentials.hash_token(server_token)).first()
-    return server or server_for_enrollment_token(server_token)
+    return Server.objects.filter(token_hash=credentials.hash_token(server_token)).first()
 
 
 @transaction.atomic
