@@ -64,7 +64,9 @@ def start_worker_threads(count: int) -> list[WorkerThread]:
 
 
 def stop_workers(threads: list[WorkerThread]) -> None:
-    """A task already running finishes in its thread (it is a daemon: exit does not wait)."""
+    """No new task starts. One already running is cut off when the process exits (the threads
+    are daemons, so a shutdown is not held up by a long playbook); its deployment then fails
+    at its deadline."""
     for thread in threads:
         thread.running = False
         thread.wake.set()
