@@ -24,6 +24,13 @@ def serve(argv: list[str]) -> int:
     parser.add_argument("--no-migrate", action="store_true", help="skip migrating SQLite")
     parser.add_argument("--no-sweeper", action="store_true", help="run no background sweeper")
     parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="serve HTTPS with a certificate from the built-in CA (or --tls-cert/--tls-key)",
+    )
+    parser.add_argument("--tls-cert", help="PEM certificate chain to serve instead")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument(
         "--workers",
         type=int,
         default=None,
@@ -34,6 +41,8 @@ def serve(argv: list[str]) -> int:
     host, _, port = args.bind.rpartition(":")
     if not host or not port.isdigit():
         parser.error("--bind takes HOST:PORT")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        parser.error("--tls-cert and --tls-key go together")
 
     _setup_django()
     from django.conf import settings
@@ -48,8 +57,12 @@ def serve(argv: list[str]) -> int:
     from tether.sweeper import run_sweeper
     from tether.worker import start_worker_threads, stop_workers
 
+    tls: dict[str, str] = {}
+    if args.tls or args.tls_cert:
+        tls = _tls_files(host.strip("[]"), args.tls_cert, args.tls_key)
     config = uvicorn.Config(
         application,
+        **tls,
         host=host.strip("[]"),
         port=int(port),
         lifespan="off",
@@ -72,7 +85,7 @@ def serve(argv: list[str]) -> int:
             if sweeper:
                 sweeper.cancel()
 
-    log.info("serving on http://%s", args.bind)
+    log.info("serving on %s://%s", "https" if tls else "http", args.bind)
     try:
         import uvloop
 
@@ -80,6 +93,23 @@ def serve(argv: list[str]) -> int:
     except ImportError:
         asyncio.run(main())
     return 0
+
+
+def _tls_files(host: str, cert: str | None, key: str | None) -> dict[str, str]:
+    """The operator's certificate, or one the built-in CA issues for the names agents use."""
+    if cert and key:
+        return {"ssl_certfile": cert, "ssl_keyfile": key}
+    from urllib.parse import urlsplit
+
+    from django.conf import settings
+
+    from tether.pki.ca import server_certificate
+
+    names = ["localhost", "127.0.0.1", "::1", urlsplit(settings.PUBLIC_URL).hostname or ""]
+    if host not in ("0.0.0.0", "::", ""):
+        names.append(host)
+    cert_path, key_path = server_certificate(names)
+    return {"ssl_certfile": str(cert_path), "ssl_keyfile": str(key_path)}
 
 
 def worker(argv: list[str]) -> int:

@@ -17,6 +17,15 @@ class StrictInputMixin:
         return super().to_internal_value(data)  # type: ignore[misc]
 
 
+class StrictBoolean(serializers.BooleanField):
+    """JSON true or false only: "yes", 1 or "false" as a string are refused, not guessed."""
+
+    def to_internal_value(self, data: Any) -> bool:
+        if not isinstance(data, bool):
+            self.fail("invalid", input=data)
+        return data
+
+
 TagList = lambda: serializers.ListField(  # noqa: E731
     child=serializers.RegexField(r"^[A-Za-z0-9_.:-]{1,64}$"),
     max_length=50,

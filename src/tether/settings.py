@@ -65,6 +65,7 @@ INSTALLED_APPS = [
     "tether.fleet",
     "tether.commands",
     "tether.deploy",
+    "tether.pki",
 ]
 
 MIDDLEWARE = [
@@ -153,6 +154,13 @@ WORKER_INTERVAL = env_float("TETHER_WORKER_INTERVAL", 1.0)  # `tether worker` po
 DEPLOY_ONLINE_DEADLINE = env_float("TETHER_DEPLOY_ONLINE_DEADLINE", 120)
 DEPLOY_SSH_TIMEOUT = env_float("TETHER_DEPLOY_SSH_TIMEOUT", 600)
 
+# Built-in CA (docs/agent-rpc.md): made under DATA_DIR/ca unless an operator gives their own.
+CA_CERT_PATH = os.environ.get("TETHER_CA_CERT", "")
+CA_KEY_PATH = os.environ.get("TETHER_CA_KEY", "")
+AGENT_CERT_DAYS = env_int("TETHER_AGENT_CERT_DAYS", 365)
+CERT_RENEW_DAYS = env_int("TETHER_CERT_RENEW_DAYS", 30)
+RPC_TIMEOUT = env_float("TETHER_RPC_TIMEOUT", 3)
+
 # Fleet timers (seconds). Tests and benchmarks turn these down instead of sleeping.
 HEARTBEAT_INTERVAL = env_float("TETHER_HEARTBEAT_INTERVAL", 30)
 POLL_INTERVAL = env_float("TETHER_POLL_INTERVAL", 5)
@@ -210,5 +218,9 @@ LOGGING = {
     "formatters": {"line": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
     "handlers": {"stderr": {"class": "logging.StreamHandler", "formatter": "line"}},
     "root": {"handlers": ["stderr"], "level": os.environ.get("TETHER_LOG_LEVEL", "INFO")},
-    "loggers": {"django.request": {"level": "ERROR"}},
+    "loggers": {
+        "django.request": {"level": "ERROR"},
+        # The in-process workers look at the queue every few seconds: not news.
+        "django_tasks_db": {"level": "WARNING"},
+    },
 }

@@ -1,5 +1,5 @@
-"""The periodic sweep that runs inside `tether serve`: offline agents, lost commands, and
-deployments past their deadline."""
+"""The periodic sweep that runs inside `tether serve`: offline agents, lost commands,
+deployments past their deadline, agent certificates near expiry."""
 
 import asyncio
 import logging
@@ -15,11 +15,15 @@ def sweep_once() -> tuple[int, int]:
     from tether.commands.services import mark_lost_commands
     from tether.deploy.services import expire_deployments
     from tether.fleet.services import mark_offline_agents
+    from tether.pki.services import renew_expiring
 
     offline, lost = mark_offline_agents(), mark_lost_commands()
     expired = expire_deployments()
     if expired:
         log.info("sweep: %d deployment(s) past their deadline", expired)
+    renewed = renew_expiring()
+    if renewed:
+        log.info("sweep: %d agent certificate(s) renewed", renewed)
     return offline, lost
 
 

@@ -13,6 +13,7 @@ from tether.deploy import agent_api as deploy_agent_api
 from tether.deploy.api.views import DeploymentViewSet, deployment_stream
 from tether.fleet import agent_api as fleet_agent_api
 from tether.fleet.api.views import AgentViewSet, ServerViewSet
+from tether.pki import views as pki_views
 
 
 def healthz(request: HttpRequest) -> JsonResponse:
@@ -66,6 +67,7 @@ urlpatterns = [
     path("api/agents/", include(agent_urls)),
     path("api/commands/<int:command_id>/stream/", command_stream),
     path("api/deployments/<int:deployment_id>/stream/", deployment_stream),
+    path("api/agents/<int:agent_id>/check_status/", pki_views.check_status),
     path("api/", include(router.urls)),
 ]
 

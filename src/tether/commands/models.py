@@ -46,6 +46,9 @@ class Command(models.Model):
     # running command whose agent never reported is lost (see mark_lost_commands).
     report_deadline = models.DateTimeField(null=True, blank=True)
     delivery_count = models.PositiveIntegerField(default=0)
+    # What an internal command carries beyond its name (a certificate and its key), as
+    # encrypted JSON: a database dump does not yield the key.
+    payload_encrypted = models.TextField(blank=True, default="")
     # An internal command carrying out a deployment (upgrade, stop) reports into it.
     deployment = models.ForeignKey(
         "deploy.Deployment", null=True, blank=True, on_delete=models.CASCADE, related_name="+"

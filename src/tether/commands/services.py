@@ -3,6 +3,7 @@
 Each function is one transaction; agents and humans reach them through their own views.
 """
 
+import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,6 +17,7 @@ from django.utils import timezone
 from tether import wakeups
 from tether.accounts.services import audit
 from tether.errors import Conflict
+from tether.fleet import credentials
 from tether.fleet.models import Agent
 from tether.fleet.services import offline_cutoff
 
@@ -34,6 +36,7 @@ def queue_command(
     user: AbstractBaseUser | None = None,
     kind: str = Command.Kind.SHELL,
     deployment: Any = None,
+    payload_encrypted: str = "",
 ) -> Command:
     """Queue a command; the agent's long-poll wakes as soon as the row is committed."""
     with transaction.atomic():
@@ -45,6 +48,7 @@ def queue_command(
             timeout=timeout or settings.COMMAND_TIMEOUT_DEFAULT,
             created_by=user,
             deployment=deployment,
+            payload_encrypted=payload_encrypted,
         )
         audit(user=user, action="command.send", target=queued, agent=agent.pk)
         wakeups.notify_on_commit(wakeups.agent_key(agent.pk))
@@ -115,6 +119,8 @@ def as_delivered(command: Command) -> dict[str, Any]:
         "timeout": command.timeout,
         "created_at": command.created_at.isoformat(),
     }
+    if command.payload_encrypted:
+        delivered["payload"] = json.loads(credentials.decrypt(command.payload_encrypted))
     if command.deployment_id is not None:
         delivered["deployment_id"] = command.deployment_id
         # How long an upgraded agent has to reach the server before it rolls back: half the
@@ -203,6 +209,10 @@ def record_result(
             from tether.deploy.services import internal_command_finished
 
             internal_command_finished(command)
+        elif command.kind == Command.Kind.INTERNAL and command.command == "update_certificate":
+            from tether.pki.services import certificate_installed
+
+            certificate_installed(command)
 
 
 def _finish(

@@ -1,6 +1,7 @@
 """Agent-facing fleet endpoints: register, poll (the long-poll), heartbeat, files."""
 
 import hashlib
+import ipaddress
 import time
 from typing import Any
 
@@ -12,7 +13,7 @@ from rest_framework import exceptions, serializers, status
 from rest_framework.permissions import AllowAny
 from rest_framework.request import Request
 from rest_framework.response import Response
-from rest_framework.throttling import ScopedRateThrottle
+from rest_framework.throttling import BaseThrottle, ScopedRateThrottle
 from rest_framework.views import APIView
 
 from tether import wakeups
@@ -21,12 +22,23 @@ from tether.commands import services as command_services
 from tether.db import run_db
 from tether.deploy import services as deploy_services
 from tether.errors import TetherError, json_error
+from tether.pki.ca import authority
 
 from . import credentials, services
 from .authentication import authenticate_agent
 from .models import Agent
 
 AGENT_FILES = ("main.py", "requirements.txt")
+
+
+def peer_address(request: HttpRequest) -> str | None:
+    """The agent's address as the throttles see it (X-Forwarded-For only behind NUM_PROXIES
+    proxies): where the server reaches its RPC endpoint."""
+    address = BaseThrottle().get_ident(request)
+    try:
+        return str(ipaddress.ip_address(address))
+    except ValueError:
+        return None
 
 
 class RegisterInput(serializers.Serializer):
@@ -83,7 +95,10 @@ class RegisterView(APIView):
                 "Invalid server token.", code="authentication_failed", status_code=401
             )
         registration = services.register_agent(
-            server=server, signing=fields.pop("signing", None) == "hmac-sha256", **fields
+            server=server,
+            signing=fields.pop("signing", None) == "hmac-sha256",
+            address=peer_address(request),
+            **fields,
         )
         agent = registration.agent
         if enrollment is not None:
@@ -95,8 +110,9 @@ class RegisterView(APIView):
                 "token": registration.token,
                 "secret_key": registration.secret_key,
                 "rpc_port": agent.rpc_port,
-                "config": services.agent_config(),
+                "config": services.agent_config(agent),
                 "heartbeat_mode": "push",
+                "ca_certificate": authority().pem,
             },
             status=status.HTTP_201_CREATED,
         )
@@ -117,12 +133,14 @@ class HeartbeatView(AgentAPIView):
     def post(self, request: Request) -> Response:
         data = HeartbeatInput(data=request.data)
         data.is_valid(raise_exception=True)
+        agent = self.get_agent()
         services.record_heartbeat(
-            agent=self.get_agent(),
+            agent=agent,
             version=data.validated_data.get("version"),
             rpc_port=data.validated_data.get("rpc_port"),
+            address=peer_address(request),
         )
-        return Response({"status": "ok", "config": services.agent_config()})
+        return Response({"status": "ok", "config": services.agent_config(agent)})
 
 
 def _poll_params(request: HttpRequest) -> tuple[float, str | None, int | None]:
@@ -149,15 +167,17 @@ def _open_poll(
     agent = authenticate_agent(request)
     wait, version, rpc_port = _poll_params(request)
     wakeups.register(wakeups.agent_key(agent.pk), waiter)
-    services.record_heartbeat(agent=agent, version=version, rpc_port=rpc_port)
+    services.record_heartbeat(
+        agent=agent, version=version, rpc_port=rpc_port, address=peer_address(request)
+    )
     return agent, wait, command_services.claim_commands(agent=agent)
 
 
-def _poll_answer(delivery: command_services.Delivery) -> dict[str, Any]:
+def _poll_answer(agent: Agent, delivery: command_services.Delivery) -> dict[str, Any]:
     return {
         "commands": [command_services.as_delivered(c) for c in delivery.commands],
         "cancel": delivery.cancel,
-        "config": services.agent_config(),
+        "config": services.agent_config(agent),
     }
 
 
@@ -180,7 +200,7 @@ async def poll_commands(request: HttpRequest) -> HttpResponse:
                 break
             await waiter.wait(min(remaining, settings.POLL_RECHECK))
             delivery = await run_db(command_services.claim_commands, agent=agent)
-    return JsonResponse(_poll_answer(delivery))
+    return JsonResponse(_poll_answer(agent, delivery))
 
 
 @agent_endpoint

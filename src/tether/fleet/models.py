@@ -46,6 +46,10 @@ class Agent(models.Model):
     os = models.CharField(max_length=64, blank=True, default="")
     arch = models.CharField(max_length=64, blank=True, default="")
     rpc_port = models.PositiveIntegerField(null=True, blank=True)
+    # Where the agent's requests last came from: where the server reaches its RPC endpoint.
+    address = models.GenericIPAddressField(null=True, blank=True)
+    # Whether the server verifies the agent's RPC certificate, and the agent the server's.
+    verify_ssl = models.BooleanField(default=True)
     tags = models.JSONField(default=list, blank=True)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
     last_heartbeat = models.DateTimeField(null=True, blank=True, db_index=True)

@@ -20,11 +20,12 @@ def effective_long_poll_timeout() -> float:
     return min(settings.LONG_POLL_TIMEOUT, 2 * settings.HEARTBEAT_INTERVAL)
 
 
-def agent_config() -> dict[str, Any]:
-    """Timers and limits every agent follows; the older dialect reads the min/max pairs."""
+def agent_config(agent: Agent | None = None) -> dict[str, Any]:
+    """Timers and limits every agent follows (the older dialect reads the min/max pairs), and
+    the agent's own TLS setting."""
     heartbeat = settings.HEARTBEAT_INTERVAL
     poll = settings.POLL_INTERVAL
-    return {
+    config = {
         "heartbeat_interval": heartbeat,
         "poll_interval": poll,
         "long_poll_timeout": effective_long_poll_timeout(),
@@ -35,6 +36,9 @@ def agent_config() -> dict[str, Any]:
         "max_output_bytes": settings.MAX_OUTPUT_BYTES,
         "lease_seconds": settings.COMMAND_LEASE,
     }
+    if agent is not None:
+        config["verify_ssl"] = agent.verify_ssl
+    return config
 
 
 @transaction.atomic
@@ -118,6 +122,7 @@ def register_agent(
     arch: str = "",
     rpc_port: int | None = None,
     signing: bool = False,
+    address: str | None = None,
 ) -> Registration:
     """Create the agent for (server, hostname), or rotate its credentials if it exists:
     registering again revokes the old token and secret at once."""
@@ -132,6 +137,7 @@ def register_agent(
             "os": os,
             "arch": arch,
             "rpc_port": rpc_port,
+            "address": address,
             "token_hash": credentials.hash_agent_token(token),
             "secret_key_encrypted": credentials.encrypt(secret_key),
             "signs_requests": signing,
@@ -143,6 +149,7 @@ def register_agent(
         from tether.commands.services import mark_commands_lost_on_reregister
 
         mark_commands_lost_on_reregister(agent=agent)
+    _issue_certificate_if_needed(agent)
     return Registration(agent=agent, token=token, secret_key=secret_key)
 
 
@@ -150,8 +157,19 @@ def register_agent(
 HEARTBEAT_FRESHNESS = 1.0
 
 
+def _issue_certificate_if_needed(agent: Agent) -> None:
+    from tether.pki.services import issue_certificate, needs_certificate
+
+    if needs_certificate(agent):
+        issue_certificate(agent=agent)
+
+
 def record_heartbeat(
-    *, agent: Agent, version: str | None = None, rpc_port: int | None = None
+    *,
+    agent: Agent,
+    version: str | None = None,
+    rpc_port: int | None = None,
+    address: str | None = None,
 ) -> None:
     """Mark the agent alive now: one UPDATE, skipped when nothing changes and the last
     heartbeat is fresher than HEARTBEAT_FRESHNESS (a busy agent polls many times a second)."""
@@ -164,6 +182,8 @@ def record_heartbeat(
         fields["version"] = version
     if rpc_port is not None and rpc_port != agent.rpc_port:
         fields["rpc_port"] = rpc_port
+    if address and address != agent.address:
+        fields["address"] = address
     stale = agent.last_heartbeat is None or (
         (now - agent.last_heartbeat).total_seconds() >= HEARTBEAT_FRESHNESS
     )
@@ -177,6 +197,8 @@ def record_heartbeat(
         from tether.deploy.services import agent_reported_version
 
         agent_reported_version(agent, version)
+    if "rpc_port" in fields:
+        _issue_certificate_if_needed(agent)
 
 
 def offline_cutoff(now: Any = None) -> Any:

@@ -22,13 +22,20 @@ from tether.commands.api.serializers import (
 )
 from tether.deploy import services as deploy_services
 from tether.deploy.api.serializers import DeploymentSummarySerializer
-from tether.serializers import StrictInputMixin
+from tether.errors import Conflict
+from tether.pki import services as pki_services
+from tether.serializers import StrictBoolean, StrictInputMixin
 
 from .. import services
 from ..models import Agent, Server
 from .serializers import AgentSerializer, ServerSerializer
 
 HISTORY_LENGTH = 50
+
+
+class UpdateCertificateInput(StrictInputMixin, serializers.Serializer):
+    regenerate = StrictBoolean(required=False)
+    verify_ssl = StrictBoolean(required=False)
 
 
 class NoInput(StrictInputMixin, serializers.Serializer):
@@ -177,6 +184,27 @@ class AgentViewSet(
         """Start the agent's service over SSH; done when the agent is online again."""
         agent = self.get_object()
         return _lifecycle(request, "start", agent.server, agent)
+
+    @action(detail=True, methods=["post"])
+    def update_certificate(self, request: Request, pk: str) -> Response:
+        """`regenerate: true` issues a new RPC certificate (the old one is revoked at once) and
+        delivers it; `verify_ssl` sets whether either side verifies the other's certificate."""
+        agent = self.get_object()
+        data = UpdateCertificateInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        values = data.validated_data
+        if values.get("regenerate") and not agent.signs_requests:
+            raise Conflict(
+                "an agent of the original dialect has no RPC endpoint to certify",
+                code="legacy_agent",
+            )
+        if "verify_ssl" in values:
+            pki_services.set_verify_ssl(
+                agent=agent, verify_ssl=values["verify_ssl"], user=request.user
+            )
+        if values.get("regenerate"):
+            pki_services.issue_certificate(agent=agent, user=request.user)
+        return Response(pki_services.certificate_answer(agent))
 
     @action(detail=True, methods=["get"])
     def deployments(self, request: Request, pk: str) -> Response:

@@ -1,0 +1,149 @@
+"""Agent certificates: issue, deliver, revoke, renew; verify_ssl per agent."""
+
+import json
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.db import transaction
+from django.utils import timezone
+
+from tether.accounts.services import audit
+from tether.fleet import credentials
+from tether.fleet.models import Agent
+
+from . import ca
+from .models import Certificate
+
+UPDATE_CERTIFICATE = "update_certificate"
+
+
+def current_certificate(agent: Agent) -> Certificate | None:
+    return agent.certificates.filter(revoked_at=None).first()
+
+
+def _names(agent: Agent) -> list[str]:
+    return [agent.hostname, agent.address or ""]
+
+
+def issue_certificate(*, agent: Agent, user: AbstractBaseUser | None = None) -> Certificate:
+    """A new certificate for the agent's RPC endpoint, revoking its previous one at once, and
+    the internal command that delivers it. One transaction: a certificate is never recorded
+    without its delivery, nor an old one revoked without its successor."""
+    from tether.commands.models import Command
+    from tether.commands.services import cancel_command, queue_command
+
+    issued = ca.issue(str(agent.pk), _names(agent), days=settings.AGENT_CERT_DAYS)
+    with transaction.atomic():
+        now = timezone.now()
+        Certificate.objects.filter(agent=agent, revoked_at=None).update(revoked_at=now)
+        certificate = Certificate.objects.create(
+            agent=agent,
+            serial=issued.serial,
+            fingerprint_sha256=issued.fingerprint,
+            not_before=issued.certificate.not_valid_before_utc,
+            not_after=issued.certificate.not_valid_after_utc,
+        )
+        # An older delivery still waiting would install a revoked certificate.
+        waiting = Command.objects.filter(agent=agent, command=UPDATE_CERTIFICATE, kind="internal")
+        for command in waiting.filter(status__in=["queued", "delivered"]):
+            cancel_command(command=command, user=user)
+        payload = {
+            "certificate": issued.cert_pem,
+            "private_key": issued.key_pem,
+            "ca_certificate": ca.authority().pem,
+        }
+        queue_command(
+            agent=agent,
+            command=UPDATE_CERTIFICATE,
+            kind="internal",
+            timeout=60,
+            user=user,
+            payload_encrypted=credentials.encrypt(json.dumps(payload)),
+        )
+        audit(user=user, action="agent.certificate.issue", target=agent, serial=issued.serial)
+    return certificate
+
+
+def set_verify_ssl(*, agent: Agent, verify_ssl: bool, user: AbstractBaseUser | None) -> None:
+    with transaction.atomic():
+        Agent.objects.filter(pk=agent.pk).update(verify_ssl=verify_ssl)
+        agent.verify_ssl = verify_ssl
+        audit(user=user, action="agent.certificate.verify_ssl", target=agent, value=verify_ssl)
+
+
+def certificate_installed(command: Any) -> None:
+    """The agent reported its update_certificate command: the newest certificate is in use."""
+    if command.status != "succeeded":
+        return
+    Certificate.objects.filter(
+        agent_id=command.agent_id, revoked_at=None, installed_at=None
+    ).update(installed_at=timezone.now())
+
+
+def certificate_answer(agent: Agent) -> dict[str, Any]:
+    certificate = current_certificate(agent)
+    return {
+        "serial": certificate.serial if certificate else None,
+        "fingerprint_sha256": certificate.fingerprint_sha256 if certificate else None,
+        "not_after": certificate.not_after if certificate else None,
+        "verify_ssl": agent.verify_ssl,
+        "pending": bool(certificate and certificate.installed_at is None),
+    }
+
+
+def needs_certificate(agent: Agent) -> bool:
+    """Agents of Tether's dialect with an RPC port get a certificate when they register."""
+    return agent.signs_requests and bool(agent.rpc_port) and current_certificate(agent) is None
+
+
+def renew_expiring() -> int:
+    """Re-issue certificates within CERT_RENEW_DAYS of expiry (the sweep calls this)."""
+    soon = timezone.now() + timedelta(days=settings.CERT_RENEW_DAYS)
+    expiring = Certificate.objects.filter(revoked_at=None, not_after__lt=soon).select_related(
+        "agent"
+    )
+    count = 0
+    for certificate in expiring:
+        issue_certificate(agent=certificate.agent)
+        count += 1
+    return count
+
+
+def is_revoked(serial: str) -> bool:
+    """Unknown serials count as revoked: only what this CA issued and still stands is good."""
+    return not Certificate.objects.filter(serial=serial, revoked_at=None).exists()
+
+
+def rpc_target(agent: Agent) -> Any:
+    """How to call the agent's RPC endpoint, or None when it has none yet."""
+    from .rpc import Target
+
+    certificate = current_certificate(agent)
+    if not agent.rpc_port or not agent.address or certificate is None:
+        return None
+    return Target(
+        agent_id=agent.pk,
+        host=agent.address,
+        port=agent.rpc_port,
+        secret_key=credentials.decrypt(agent.secret_key_encrypted),
+        verify=agent.verify_ssl,
+        ca_pem=ca.authority().pem,
+        good_serials=frozenset(
+            agent.certificates.filter(revoked_at=None).values_list("serial", flat=True)
+        ),
+    )
+
+
+def record_status_check(agent_id: int, answer: dict[str, Any]) -> str:
+    """An answer proves the agent alive (online, version); no answer changes nothing: a
+    fresh heartbeat still stands, and a stale one is the sweep's to judge."""
+    agent = Agent.objects.get(pk=agent_id)
+    if answer["reachable"]:
+        fields: dict[str, Any] = {"last_heartbeat": timezone.now()}
+        if agent.status in (Agent.Status.PENDING, Agent.Status.OFFLINE, Agent.Status.STOPPED):
+            fields["status"] = Agent.Status.ONLINE
+        Agent.objects.filter(pk=agent_id).update(**fields)
+        return fields.get("status", agent.status)
+    return agent.status
