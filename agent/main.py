@@ -3,8 +3,9 @@
 
 One file on the Python >= 3.8 standard library, so that it installs on any host and upgrades by
 replacing this file. The sections follow the agent's life: config, state on disk, HTTP client,
-registration, poll loop, running a command, output spooling and sending, main.
-The wire protocol is docs/agent-protocol.md in the Tether repository.
+registration, poll loop, running a command, output spooling and sending, lifecycle (upgrade,
+stop), certificates and the RPC endpoint, main.
+The wire protocol is docs/agent-protocol.md (and docs/agent-rpc.md) in the Tether repository.
 """
 
 __version__ = "0.1.0"
@@ -15,6 +16,7 @@ import contextlib
 import hashlib
 import hmac
 import http.client
+import http.server
 import json
 import os
 import platform
@@ -24,6 +26,7 @@ import re
 import selectors
 import signal
 import socket
+import socketserver
 import ssl
 import subprocess
 import sys
@@ -149,6 +152,9 @@ class Backoff:
 # ---------------------------------------------------------------------------------------------
 # State on disk
 #   credentials.json      who this agent is (0600)
+#   ca.pem                the server's CA, kept at registration: the pin for an https:// server
+#   tls.json              {"verify_ssl": false} while the server says not to verify it
+#   rpc.crt, rpc.key      the RPC endpoint's certificate and key (0600), from the server's CA
 #   commands/<id>.json    the journal: one entry per command ever accepted, so none runs twice
 #   out/<id>.stdout|err   the output spool: what the command wrote, kept until reported
 # ---------------------------------------------------------------------------------------------
@@ -363,29 +369,95 @@ def json_bytes(body):
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
+class TlsError(TransientError):
+    """The server's certificate does not verify: nothing was sent to it (the handshake comes
+    before the request), and only an operator (or the server's config) can fix it."""
+
+
+def request_signature(secret_key, method, path, timestamp, body):
+    """HMAC-SHA256 over method, path (with its query), timestamp and the body's hash: what the
+    agent's calls carry and what the server's RPC calls to the agent must carry."""
+    message = "\n".join([method, path, timestamp, hashlib.sha256(body).hexdigest()])
+    key = secret_key.encode("ascii")
+    return hmac.new(key, message.encode("utf-8"), hashlib.sha256).hexdigest()
+
+
 class Client:
     """JSON over urllib, signed as the protocol asks. A new connection per request keeps it
-    simple; on the loopback or LAN that costs well under a millisecond."""
+    simple; on the loopback or LAN that costs well under a millisecond.
 
-    def __init__(self, server_url, ca_file=None):
+    An https:// server is verified with --ca-file when given, else with the CA pinned at
+    registration (`ca.pem`), else (first registration) with the system's trust store; the
+    server's `verify_ssl: false` turns verification off. The HTTPS context is rebuilt when one
+    of these changes (`reload_tls`)."""
+
+    def __init__(self, server_url, ca_file=None, state_dir=None):
         self.server_url = server_url.rstrip("/")
         self.path_prefix = urlsplit(self.server_url).path
-        handlers = []
-        if ca_file:
-            handlers.append(
-                urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=ca_file))
-            )
-        self.opener = urllib.request.build_opener(*handlers)
+        self.ca_file = ca_file
+        self.state_dir = state_dir
+        tls = read_json(self.state_path("tls.json")) if state_dir else None
+        self.verify_ssl = (tls or {}).get("verify_ssl") is not False
+        self.opener = None  # built on first use, and again after reload_tls()
         self.credentials = None
         self.clock_offset = 0.0
         self.user_agent = "tether-agent/%s" % __version__
 
+    def state_path(self, name):
+        return os.path.join(self.state_dir, name) if self.state_dir else None
+
+    def https_context(self):
+        """The context for the next connections; raises OSError/ssl.SSLError when the CA file
+        cannot be read (a broken pin is an error, never a reason to trust more)."""
+        if not self.verify_ssl:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            return context
+        if self.ca_file:
+            return ssl.create_default_context(cafile=self.ca_file)
+        pinned = self.state_path(PINNED_CA)
+        if pinned and os.path.exists(pinned):
+            return ssl.create_default_context(cafile=pinned)
+        return ssl.create_default_context()
+
+    def reload_tls(self):
+        self.opener = None
+
+    def pin_ca(self, pem):
+        """Keep the CA the server sent at registration; from now on it alone vouches for an
+        https:// server (unless --ca-file names another)."""
+        if not self.state_dir or not isinstance(pem, str) or not pem:
+            return
+        try:
+            ssl.create_default_context(cadata=pem)
+        except (ssl.SSLError, ValueError) as exc:  # a pin that loads nothing would lock us out
+            log("warn", "the server's CA certificate does not load; not pinning it", error=exc)
+            return
+        payload = pem.encode("utf-8")
+        write_file_atomic(self.state_path(PINNED_CA), payload, durable=True, mode=0o644)
+        self.reload_tls()
+
+    def set_verify_ssl(self, verify):
+        """The server's `config.verify_ssl`, kept on disk: a restarted agent must reach a
+        server whose certificate it was told not to verify before it can hear that again."""
+        verify = verify is not False
+        if verify == self.verify_ssl:
+            return
+        self.verify_ssl = verify
+        if self.state_dir:
+            payload = json_bytes({"verify_ssl": verify})
+            write_file_atomic(self.state_path("tls.json"), payload, durable=True)
+        if verify:
+            log("info", "verifying the server's certificate again, as the server asks")
+        else:
+            log("warn", "not verifying the server's certificate, as the server asks")
+        self.reload_tls()
+
     def sign(self, method, path, body):
         creds = self.credentials
         timestamp = str(int(time.time() + self.clock_offset))
-        message = "\n".join([method, path, timestamp, hashlib.sha256(body).hexdigest()])
-        key = creds["secret_key"].encode("ascii")
-        signature = hmac.new(key, message.encode("utf-8"), hashlib.sha256).hexdigest()
+        signature = request_signature(creds["secret_key"], method, path, timestamp, body)
         return {
             "X-Agent-Token": creds["token"],
             "X-Tether-Timestamp": timestamp,
@@ -406,7 +478,11 @@ class Client:
             self.server_url + path, data=data, headers=headers, method=method
         )
         try:
-            with self.opener.open(req, timeout=timeout) as resp:
+            opener = self.opener
+            if opener is None:
+                handler = urllib.request.HTTPSHandler(context=self.https_context())
+                opener = self.opener = urllib.request.build_opener(handler)
+            with opener.open(req, timeout=timeout) as resp:
                 status, raw, resp_headers = resp.status, resp.read(), resp.headers
         except urllib.error.HTTPError as exc:
             status, resp_headers = exc.code, exc.headers
@@ -415,7 +491,9 @@ class Client:
             except (OSError, http.client.HTTPException):
                 raw = b""
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-            raise TransientError(str(getattr(exc, "reason", exc)) or type(exc).__name__) from None
+            reason = getattr(exc, "reason", exc)
+            error = TlsError if isinstance(reason, ssl.SSLCertVerificationError) else TransientError
+            raise error(str(reason) or type(exc).__name__) from None
         if status >= 500:
             raise TransientError("server answered %d" % status)
         try:
@@ -462,6 +540,10 @@ def register(agent):
             resp = agent.blocking_call(
                 agent.client.request, "POST", "/api/agents/register/", body, signed=False
             )
+        except TlsError as exc:
+            log("error", "the server's certificate does not verify; not registering", error=exc)
+            agent.stopping.wait(refused_backoff.next_delay())
+            continue
         except TransientError as exc:
             log("warn", "registration failed, retrying", error=exc)
             agent.stopping.wait(backoff.next_delay())
@@ -477,6 +559,7 @@ def register(agent):
             }
             save_credentials(agent.args.state_dir, creds)
             agent.client.credentials = creds
+            agent.client.pin_ca(resp.data.get("ca_certificate"))
             agent.adopt_config(resp.data.get("config"))
             log("info", "registered", agent_id=creds["agent_id"], server=creds["server"])
             return True
@@ -491,7 +574,8 @@ def register(agent):
 
 
 def poll_forever(agent):
-    """Long-poll for work until stopped; every poll is also the agent's heartbeat."""
+    """Long-poll for work until stopped; every poll is also the agent's heartbeat. The waits
+    between polls (backoff, poll_interval) end early when the server calls POST /wake."""
     backoff = Backoff()
     refused_backoff = Backoff(cap=REGISTER_BACKOFF_CAP)
     next_prune = time.monotonic() + PRUNE_INTERVAL
@@ -500,20 +584,27 @@ def poll_forever(agent):
             confirm_upgrade(agent)
         wait = float(agent.config.get("long_poll_timeout") or 0) if agent.config_known else 0.0
         query = "wait=%s&version=%s" % (_seconds(wait), quote(__version__))
+        if agent.args.rpc_port > 0:
+            query += "&rpc_port=%d" % agent.args.rpc_port
         path = "/api/agents/poll_commands/?" + query
         started = time.monotonic()
+        agent.woken.clear()  # a wake from now on asks for the poll after this one
         try:
             resp = agent.blocking_call(agent.client.request, "GET", path, timeout=wait + 10)
+        except TlsError as exc:
+            log("error", "the server's certificate does not verify; not polling", error=exc)
+            agent.idle(backoff.next_delay())
+            continue
         except TransientError as exc:
             log("warn", "poll failed", error=exc)
-            agent.stopping.wait(backoff.next_delay())
+            agent.idle(backoff.next_delay())
             continue
         if resp.status == 401:
             handle_refused(agent, resp, refused_backoff)
             continue
         if resp.status != 200:
             log("warn", "poll refused", status=resp.status, error=resp.error_message())
-            agent.stopping.wait(backoff.next_delay())
+            agent.idle(backoff.next_delay())
             continue
         backoff.reset()
         refused_backoff.reset()
@@ -532,9 +623,9 @@ def poll_forever(agent):
             next_prune = time.monotonic() + PRUNE_INTERVAL
         if not commands and not cancels and had_config:
             if wait <= 0:
-                agent.stopping.wait(float(agent.config.get("poll_interval") or 1))
+                agent.idle(float(agent.config.get("poll_interval") or 1))
             elif time.monotonic() - started < 0.05:
-                agent.stopping.wait(0.1)  # the server did not hold the poll: don't spin
+                agent.idle(0.1)  # the server did not hold the poll: don't spin
 
 
 def _seconds(value):
@@ -781,13 +872,14 @@ class Runner:
         return True
 
     def execute_internal(self, run):
-        """An upgrade or stop, reported like any command; what follows it (exec, stop) happens
-        once its result has reached the server, or is at least on disk."""
+        """An upgrade, stop or certificate update, reported like any command; what follows it
+        (exec, stop) happens once its result has reached the server, or is at least on disk."""
         spec = run.entry["spec"]
         if not self.mark_started(run):
             return
         self.agent.sender.add(run)
-        action = {"upgrade": upgrade, "stop": stop}[spec["command"]]
+        actions = {"upgrade": upgrade, "stop": stop, "update_certificate": update_certificate}
+        action = actions[spec["command"]]
         try:
             outcome = action(self.agent, run)
         except Cancelled as exc:
@@ -1350,7 +1442,7 @@ class Sender:
 # Lifecycle: upgrade and stop (internal commands)
 # ---------------------------------------------------------------------------------------------
 
-INTERNAL_COMMANDS = ("upgrade", "stop")
+INTERNAL_COMMANDS = ("upgrade", "stop", "update_certificate")
 UPGRADE_MARKER = "upgrade.json"
 MANIFEST_MAX_AGE = 600  # seconds: an old signed manifest must not downgrade the agent
 CHILD_CHECK_TIMEOUT = 60
@@ -1577,6 +1669,306 @@ def is_internal(spec):
 
 
 # ---------------------------------------------------------------------------------------------
+# Certificates and the RPC endpoint (docs/agent-rpc.md)
+#   With --rpc-port the agent serves HTTPS with the certificate its server's CA issued
+#   (`update_certificate` brings it): GET /status and POST /wake, each signed by the server
+#   with the agent's secret key. Until a certificate is installed nothing listens.
+# ---------------------------------------------------------------------------------------------
+
+RPC_CERT = "rpc.crt"
+RPC_KEY = "rpc.key"
+PINNED_CA = "ca.pem"
+RPC_WINDOW = 30  # seconds between the caller's timestamp and our clock
+RPC_MAX_BODY = 64 * 1024
+RPC_REPLAY_MAX = 4096  # signatures remembered within the window; past that, refuse
+RPC_HANDSHAKE_TIMEOUT = 5.0
+RPC_REQUEST_TIMEOUT = 10.0
+RPC_POLL_INTERVAL = 0.5  # how soon the accept loop sees a close
+DIGITS = re.compile(r"[0-9]{1,12}")
+
+
+def rpc_context(cert_path, key_path):
+    """The endpoint's TLS context; ssl.SSLError when the key does not match the certificate."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_path, key_path)
+    return context
+
+
+def update_certificate(agent, run):
+    """Install the certificate the server issued for the RPC endpoint. The journal entry keeps
+    no copy of the private key once the command is done."""
+    spec = run.entry["spec"]
+    try:
+        context = install_certificate(agent.args.state_dir, spec.get("payload"))
+    finally:
+        with run.lock:
+            spec.pop("payload", None)
+    agent.client.reload_tls()  # the pinned CA may have changed
+    if agent.rpc is None:
+        log("info", "certificate installed; no --rpc-port, so nothing serves it")
+    else:
+        agent.rpc.install(context)
+    return {"status": "succeeded"}
+
+
+def install_certificate(state_dir, payload):
+    """Write rpc.crt, rpc.key and ca.pem under temporary names, check that they load together,
+    and only then rename them over the files in use: a bad delivery leaves the old ones (and
+    the context serving them) as they were. Returns the new context."""
+    if not isinstance(payload, dict):
+        raise LifecycleError("the command carries no certificate")
+    texts = {
+        RPC_CERT: payload.get("certificate"),
+        RPC_KEY: payload.get("private_key"),
+        PINNED_CA: payload.get("ca_certificate"),
+    }
+    if not isinstance(texts[RPC_CERT], str) or not isinstance(texts[RPC_KEY], str):
+        raise LifecycleError("the certificate or its private key is missing")
+    if not isinstance(texts[PINNED_CA], str):
+        del texts[PINNED_CA]  # keep the CA we have
+    staged = {}
+    try:
+        for name, text in texts.items():
+            staged[name] = os.path.join(state_dir, name + ".new")
+            mode = 0o600 if name == RPC_KEY else 0o644
+            write_file_atomic(staged[name], text.encode("utf-8"), durable=True, mode=mode)
+        try:
+            context = rpc_context(staged[RPC_CERT], staged[RPC_KEY])
+        except (ssl.SSLError, ValueError) as exc:
+            raise LifecycleError(
+                "the certificate and key do not load together (the old ones stay): %s" % exc
+            ) from None
+        if PINNED_CA in staged:
+            try:
+                ssl.create_default_context(cafile=staged[PINNED_CA])
+            except (ssl.SSLError, ValueError) as exc:
+                raise LifecycleError("the CA certificate does not load: %s" % exc) from None
+        for name in list(staged):
+            os.replace(staged.pop(name), os.path.join(state_dir, name))
+    finally:
+        for path in staged.values():
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    return context
+
+
+class RpcHandler(http.server.BaseHTTPRequestHandler):
+    """One request per connection. A request that is refused, malformed or unsigned is met with
+    silence and a closed connection: a caller without the secret key learns nothing, not even
+    that this is a Tether agent."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "tether-agent"
+    sys_version = ""
+    timeout = RPC_REQUEST_TIMEOUT
+
+    def do_GET(self):
+        self.serve("GET")
+
+    def do_POST(self):
+        self.serve("POST")
+
+    def send_error(self, code, message=None, explain=None):
+        """http.server answers a bad request line, an unknown method or huge headers itself;
+        here they get the same silence as an unsigned request."""
+        self.close_connection = True
+
+    def handle_expect_100(self):
+        return True  # no "100 Continue" before the request is known to be signed
+
+    def log_message(self, format, *args):
+        pass
+
+    def serve(self, method):
+        self.close_connection = True
+        rpc = self.server.rpc
+        body = self.read_body()
+        if body is None:
+            refusal = "body too large or unreadable"
+        else:
+            refusal = rpc.check(method, self.path, self.headers, body)
+        if refusal:
+            log("warn", "rpc request refused", peer=self.client_address[0], reason=refusal)
+            return
+        status, payload = rpc.answer(method, urlsplit(self.path).path)
+        data = json_bytes(payload)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def read_body(self):
+        """The body, or None when it is chunked, larger than RPC_MAX_BODY or cut short."""
+        length = self.headers.get("Content-Length") or "0"
+        if self.headers.get("Transfer-Encoding") or not DIGITS.fullmatch(length):
+            return None
+        size = int(length)
+        if size > RPC_MAX_BODY:
+            return None
+        data = self.rfile.read(size) if size else b""
+        return data if len(data) == size else None
+
+
+class RpcHTTPServer(http.server.ThreadingHTTPServer):
+    """Accepts on one thread; each connection gets a daemon thread, which does the TLS
+    handshake with the context current at that moment (so a new certificate serves new
+    connections while open ones keep theirs) under a timeout (so a slow client holds only its
+    own thread, never the accept loop)."""
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self, address, rpc):
+        self.rpc = rpc
+        http.server.ThreadingHTTPServer.__init__(self, address, RpcHandler)
+
+    def server_bind(self):
+        socketserver.TCPServer.server_bind(self)  # HTTPServer's also looks up our FQDN: slow
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def finish_request(self, request, client_address):
+        context = self.rpc.context
+        try:
+            request.settimeout(RPC_HANDSHAKE_TIMEOUT)
+            conn = context.wrap_socket(request, server_side=True)
+        except (OSError, ValueError) as exc:
+            log("info", "rpc handshake failed", peer=client_address[0], error=exc)
+            return
+        try:
+            self.RequestHandlerClass(conn, client_address, self)
+        except OSError:
+            pass  # the caller went away or was too slow
+        finally:
+            conn.close()
+
+    def handle_error(self, request, client_address):
+        log("error", "rpc request failed", peer=client_address[0], trace=traceback.format_exc())
+
+
+class RpcServer:
+    """The endpoint's state: the current TLS context, the listening server once there is one,
+    and the signatures accepted within the window (the replay cache)."""
+
+    def __init__(self, agent, port, state_dir):
+        self.agent = agent
+        self.port = port
+        self.cert_path = os.path.join(state_dir, RPC_CERT)
+        self.key_path = os.path.join(state_dir, RPC_KEY)
+        self.context = None
+        self.httpd = None
+        self.closed = False
+        self.lock = threading.Lock()  # context, httpd, closed
+        self.seen = {}  # signature -> its timestamp
+        self.seen_lock = threading.Lock()
+
+    def start(self):
+        """At agent start: listen if a certificate was installed before."""
+        if not (os.path.exists(self.cert_path) and os.path.exists(self.key_path)):
+            log("info", "rpc endpoint waits for its certificate", port=self.port)
+            return
+        try:
+            context = rpc_context(self.cert_path, self.key_path)
+        except (OSError, ValueError) as exc:
+            log("error", "cannot load the rpc certificate; waiting for a new one", error=exc)
+            return
+        self.install(context)
+
+    def install(self, context):
+        """New connections get `context` from now on; start listening if nothing listens yet."""
+        with self.lock:
+            self.context = context
+            if self.httpd is None and not self.closed:
+                self.httpd = self.listen()
+
+    def listen(self):
+        try:
+            httpd = RpcHTTPServer(("0.0.0.0", self.port), self)
+        except OSError as exc:
+            log("error", "cannot listen for rpc; going on without it", port=self.port, error=exc)
+            return None
+        thread = threading.Thread(
+            target=httpd.serve_forever,
+            kwargs={"poll_interval": RPC_POLL_INTERVAL},
+            name="rpc",
+            daemon=True,
+        )
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)  # see Agent
+        try:
+            thread.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        log("info", "rpc endpoint listening", port=httpd.server_port)
+        return httpd
+
+    def close(self):
+        with self.lock:
+            self.closed = True
+            httpd, self.httpd = self.httpd, None
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
+
+    def check(self, method, path, headers, body):
+        """Why the request is refused, or None. Our clock is the one the agent signs with: if
+        the server told us ours is off, its timestamps are judged by its own time."""
+        creds = self.agent.client.credentials or {}
+        timestamp = headers.get("X-Tether-Timestamp")
+        signature = headers.get("X-Tether-Signature")
+        if not creds.get("secret_key"):
+            return "not registered"
+        if not timestamp or not signature:
+            return "unsigned"
+        if not DIGITS.fullmatch(timestamp):
+            return "malformed timestamp"
+        now = time.time() + self.agent.client.clock_offset
+        if abs(now - int(timestamp)) > RPC_WINDOW:
+            return "timestamp outside the window"
+        expected = request_signature(creds["secret_key"], method, path, timestamp, body)
+        given = signature.encode("latin-1", "replace")
+        if not hmac.compare_digest(expected.encode("ascii"), given):
+            return "signature does not match"
+        with self.seen_lock:
+            for old in [sig for sig, ts in self.seen.items() if now - ts > RPC_WINDOW]:
+                del self.seen[old]  # outside the window: the timestamp check refuses it now
+            if signature in self.seen:
+                return "replayed"
+            if len(self.seen) >= RPC_REPLAY_MAX:
+                return "too many requests within the window"
+            self.seen[signature] = int(timestamp)
+        return None
+
+    def answer(self, method, path):
+        if (method, path) == ("GET", "/status"):
+            return 200, self.status()
+        if (method, path) == ("POST", "/wake"):
+            log("info", "woken by the server; polling now")
+            self.agent.woken.set()
+            return 202, {}
+        message = "no such call: %s %s" % (method, path)
+        return 404, {"error": {"code": "not_found", "message": message}}
+
+    def status(self):
+        agent = self.agent
+        with agent.journal.lock:
+            runs = list(agent.journal.active.values())
+        running = [r.entry.get("spec", {}).get("id", r.id) for r in runs if r.state == "started"]
+        try:
+            load = list(os.getloadavg())
+        except OSError:
+            load = None
+        return {
+            "agent_id": (agent.client.credentials or {}).get("agent_id"),
+            "version": __version__,
+            "uptime": round(time.monotonic() - agent.started_mono, 3),
+            "running": running,
+            "load": load,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------
 
@@ -1604,11 +1996,14 @@ class Agent:
         self.config = dict(DEFAULT_REMOTE_CONFIG)
         self.config_known = False
         self.boot_id = read_boot_id()
+        self.started_mono = time.monotonic()
         self.in_blocking_call = False
         self.polled_ok = False
         self.pending_upgrade = None  # the marker of an upgrade not yet confirmed
+        self.woken = threading.Event()  # POST /wake, or a stop: end the wait between polls
         self.runner = Runner(self)
         self.sender = Sender(self)
+        self.rpc = RpcServer(self, args.rpc_port, args.state_dir) if args.rpc_port > 0 else None
 
     def adopt_config(self, config):
         if isinstance(config, dict):
@@ -1616,6 +2011,12 @@ class Agent:
             merged.update(config)
             self.config = merged
             self.config_known = True
+            if "verify_ssl" in config:
+                self.client.set_verify_ssl(config["verify_ssl"])
+
+    def idle(self, seconds):
+        """The main thread's wait between polls: a stop or a wake from the server ends it."""
+        self.woken.wait(seconds)
 
     def blocking_call(self, func, *args, **kwargs):
         """Run a network call that a stop signal may abort (the main thread only)."""
@@ -1629,6 +2030,7 @@ class Agent:
         if not self.stopping.is_set():
             log("info", "stop requested", signal=signal.Signals(signum).name)
         self.stopping.set()
+        self.woken.set()
         if self.in_blocking_call:
             self.in_blocking_call = False
             raise Shutdown()
@@ -1638,12 +2040,16 @@ class Agent:
         try:
             self.sender.start()
             self.runner.start()
+            if self.rpc is not None:
+                self.rpc.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
 
     def shutdown(self):
         """Kill what runs (the workers see `stopping`), report it, and flush for a while."""
         self.stopping.set()
+        if self.rpc is not None:
+            self.rpc.close()
         self.runner.stop(self.args.kill_grace + 3.0)
         deadline = time.monotonic() + SHUTDOWN_FLUSH
         while self.sender.unsent_results() and time.monotonic() < deadline:
@@ -1673,6 +2079,7 @@ def self_test():
         client.credentials = {"token": "0" * 32, "secret_key": "0" * 64}
         if len(client.sign("GET", "/", b"")["X-Tether-Signature"]) != 64:
             raise RuntimeError("signing is broken")
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)  # what the RPC endpoint serves with
         proc = subprocess.Popen(
             ["bash", "-c", "echo self-test"],
             stdin=subprocess.DEVNULL,
@@ -1710,8 +2117,14 @@ def main(argv=None):
     if not creds and not args.server_token:
         log("error", "no credentials and no --server-token", state_dir=args.state_dir)
         return 2
-    agent = Agent(args, Client(server, args.ca_file), journal)
-    client = agent.client
+    if args.ca_file:
+        try:
+            ssl.create_default_context(cafile=args.ca_file)
+        except (OSError, ValueError) as exc:
+            log("error", "cannot load --ca-file", ca_file=args.ca_file, error=exc)
+            return 2
+    client = Client(server, args.ca_file, args.state_dir)
+    agent = Agent(args, client, journal)
     for signum in STOP_SIGNALS:
         signal.signal(signum, agent.on_signal)
     log("info", "agent starting", version=__version__, server=server, state_dir=args.state_dir)

@@ -109,6 +109,7 @@ def _tls_files(host: str, cert: str | None, key: str | None) -> dict[str, str]:
     if host not in ("0.0.0.0", "::", ""):
         names.append(host)
     cert_path, key_path = server_certificate(names)
+    settings.SERVES_BUILTIN_TLS = True
     return {"ssl_certfile": str(cert_path), "ssl_keyfile": str(key_path)}
 
 

@@ -160,6 +160,9 @@ CA_KEY_PATH = os.environ.get("TETHER_CA_KEY", "")
 AGENT_CERT_DAYS = env_int("TETHER_AGENT_CERT_DAYS", 365)
 CERT_RENEW_DAYS = env_int("TETHER_CERT_RENEW_DAYS", 30)
 RPC_TIMEOUT = env_float("TETHER_RPC_TIMEOUT", 3)
+# Set by `tether serve --tls` when the built-in CA vouches for this server: only then are
+# agents handed the CA to pin (a proxy's or an operator's certificate would lock them out).
+SERVES_BUILTIN_TLS = False
 
 # Fleet timers (seconds). Tests and benchmarks turn these down instead of sleeping.
 HEARTBEAT_INTERVAL = env_float("TETHER_HEARTBEAT_INTERVAL", 30)

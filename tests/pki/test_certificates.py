@@ -58,7 +58,7 @@ class CertificateTestCase(CertificateBase):
         self.assertIn("10.0.0.9", [str(a) for a in alt.get_values_for_type(x509.IPAddress)])
         self.assertEqual(format(issued.serial_number, "x"), certificate.serial)
         self.assertIn("PRIVATE KEY", payload["private_key"])
-        self.assertEqual(payload["ca_certificate"], ca.authority().pem)
+        self.assertNotIn("ca_certificate", payload)  # this server does not serve TLS itself
 
     def test_the_key_is_stored_encrypted(self) -> None:
         services.issue_certificate(agent=self.agent, user=self.alice)
@@ -93,10 +93,25 @@ class CertificateTestCase(CertificateBase):
         )
 
         self.assertEqual(response.status_code, 201, response.content)
-        self.assertEqual(response.json()["ca_certificate"], ca.authority().pem)
+        self.assertIsNone(response.json()["ca_certificate"])  # nothing to pin: plain HTTP
         agent = Agent.objects.get(hostname="rpc-host")
         self.assertEqual(agent.certificates.count(), 1)
         self.assertTrue(Command.objects.filter(agent=agent, command="update_certificate").exists())
+
+    @override_settings(SERVES_BUILTIN_TLS=True)
+    def test_a_server_serving_the_ca_s_certificate_hands_agents_the_ca_to_pin(self) -> None:
+        body = {
+            "server_token": self.server_token,
+            "hostname": "pinned",
+            "rpc_port": 7443,
+            "signing": "hmac-sha256",
+        }
+
+        response = self.post_json("/api/agents/register/", body)
+
+        self.assertEqual(response.json()["ca_certificate"], ca.authority().pem)
+        delivery = Command.objects.get(agent__hostname="pinned", command="update_certificate")
+        self.assertEqual(as_delivered(delivery)["payload"]["ca_certificate"], ca.authority().pem)
 
     def test_an_agent_without_an_rpc_port_gets_none(self) -> None:
         body = {"server_token": self.server_token, "hostname": "plain", "signing": "hmac-sha256"}

@@ -22,7 +22,7 @@ from tether.commands import services as command_services
 from tether.db import run_db
 from tether.deploy import services as deploy_services
 from tether.errors import TetherError, json_error
-from tether.pki.ca import authority
+from tether.pki.ca import pin_for_agents
 
 from . import credentials, services
 from .authentication import authenticate_agent
@@ -112,7 +112,7 @@ class RegisterView(APIView):
                 "rpc_port": agent.rpc_port,
                 "config": services.agent_config(agent),
                 "heartbeat_mode": "push",
-                "ca_certificate": authority().pem,
+                "ca_certificate": pin_for_agents(),
             },
             status=status.HTTP_201_CREATED,
         )

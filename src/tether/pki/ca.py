@@ -133,6 +133,11 @@ def _alt_names(names: list[str]) -> list[x509.GeneralName]:
     return alt
 
 
+def pin_for_agents() -> str | None:
+    """The CA agents should pin for reaching this server, when it is the one vouching for it."""
+    return authority().pem if settings.SERVES_BUILTIN_TLS else None
+
+
 def issue(common_name: str, names: list[str], days: int) -> Issued:
     """A leaf certificate with a fresh key, for TLS servers (agents' RPC, `serve --tls`)."""
     ca = authority()

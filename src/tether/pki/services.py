@@ -52,8 +52,9 @@ def issue_certificate(*, agent: Agent, user: AbstractBaseUser | None = None) -> 
         payload = {
             "certificate": issued.cert_pem,
             "private_key": issued.key_pem,
-            "ca_certificate": ca.authority().pem,
         }
+        if pinned := ca.pin_for_agents():
+            payload["ca_certificate"] = pinned
         queue_command(
             agent=agent,
             command=UPDATE_CERTIFICATE,
