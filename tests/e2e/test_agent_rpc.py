@@ -1,5 +1,8 @@
 """Pull-mode status checks and certificate rotation against a real agent's RPC endpoint."""
 
+import hashlib
+import hmac
+import json
 import re
 import signal
 import socket
@@ -133,3 +136,52 @@ def test_regenerate_rotates_the_served_certificate_without_touching_running_work
         assert fleet.check()["reachable"] is True
     finally:
         fleet.agent_proc.kill(signal.SIGTERM)
+
+
+def request_bytes(secret: str | None, path: str, skew: int = 0) -> bytes:
+    """A raw GET, signed with `secret` (None: unsigned) as the server signs its RPC calls."""
+    headers = ""
+    if secret is not None:
+        timestamp = str(int(time.time()) + skew)
+        message = "\n".join(["GET", path, timestamp, hashlib.sha256(b"").hexdigest()])
+        signature = hmac.new(secret.encode(), message.encode(), hashlib.sha256).hexdigest()
+        headers = f"X-Tether-Timestamp: {timestamp}\r\nX-Tether-Signature: {signature}\r\n"
+    return f"GET {path} HTTP/1.1\r\nHost: x\r\n{headers}\r\n".encode()
+
+
+def rpc_raw(port: int, request: bytes) -> bytes:
+    """What the agent's RPC port answers to `request` (b"" if it hung up unanswered)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
+        context.wrap_socket(raw) as tls,
+    ):
+        tls.sendall(request)
+        answer = b""
+        try:
+            while chunk := tls.recv(65536):
+                answer += chunk
+        except (ssl.SSLError, OSError):
+            pass
+    return answer
+
+
+def test_the_agent_answers_only_fresh_requests_signed_with_its_key(rpc_fleet: RpcFleet) -> None:
+    secret = json.loads((rpc_fleet.agent_proc.state_dir / "credentials.json").read_text())[
+        "secret_key"
+    ]
+    port = rpc_fleet.rpc_port
+
+    def answer(secret: str | None, nonce: str, skew: int = 0) -> bytes:
+        return rpc_raw(port, request_bytes(secret, f"/status?nonce={nonce}", skew))
+
+    assert answer(secret, "a").startswith(b"HTTP/1.1 200")  # the control
+    assert answer(None, "b") == b""  # unsigned
+    assert answer("00" * 32, "c") == b""  # another key
+    assert answer(secret, "d", skew=-31) == b""  # too old
+    assert answer(secret, "e", skew=31) == b""  # from the future
+    replayed = request_bytes(secret, "/status?nonce=f")
+    assert rpc_raw(port, replayed).startswith(b"HTTP/1.1 200")
+    assert rpc_raw(port, replayed) == b""  # the same signed request again
