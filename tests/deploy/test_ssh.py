@@ -44,6 +44,33 @@ class FakeRunner:
         self.stdout = mock.Mock(read=lambda: "ERROR! the playbook could not be read\n")
 
 
+class ExtraVarsTestCase(BaseTestCase):
+    def extravars(self, server_url: str) -> dict:
+        deployment = services.create_deployment(
+            server=self.server, agent=None, kind="install", method="ssh", user=self.alice
+        )
+        services.finish_deployment(deployment=deployment, status="cancelled")  # one at a time
+        return ssh.build_extravars(
+            deployment=deployment, server=self.server, server_url=server_url, enrollment_token="t"
+        )
+
+    @override_settings(SERVES_BUILTIN_TLS=True)
+    def test_an_agent_of_a_server_its_own_ca_vouches_for_gets_that_ca(self) -> None:
+        from tether.pki.ca import authority
+
+        extravars = self.extravars("https://tether.test:8443")
+
+        self.assertEqual(extravars["ca_certificate"], authority().pem)
+        self.assertEqual(extravars["agent_config"]["ca_file"], "/opt/tether-agent/ca.pem")
+
+    def test_no_ca_for_plain_http_or_someone_elses_certificate(self) -> None:
+        for url in ("http://tether.test:8000", "https://tether.test"):
+            with self.subTest(url=url):
+                extravars = self.extravars(url)
+                self.assertEqual(extravars["ca_certificate"], "")
+                self.assertNotIn("ca_file", extravars["agent_config"])
+
+
 class SshDeploymentTestCase(BaseTestCase):
     def setUp(self) -> None:
         super().setUp()

@@ -30,6 +30,7 @@ from django.conf import settings
 
 from tether.fleet.credentials import decrypt
 from tether.fleet.models import Agent, Server
+from tether.pki.ca import pin_for_agents
 
 from . import services
 from .models import Deployment
@@ -73,6 +74,16 @@ def build_extravars(
 ) -> dict[str, Any]:
     """The playbook's variables, written as JSON to env/extravars: data, never a shell string."""
     agent_dir = server.agent_dir.rstrip("/") or "/"
+    agent_config = {
+        "server": server_url,
+        "server_token": enrollment_token,
+        "state_dir": f"{agent_dir}/state",
+    }
+    # A server that vouches for itself with the built-in CA: the agent gets that CA as its
+    # --ca-file, or its very first registration would fail verification.
+    ca_pem = pin_for_agents() if server_url.startswith("https://") else None
+    if ca_pem:
+        agent_config["ca_file"] = f"{agent_dir}/ca.pem"
     return {
         "action": deployment.kind,
         "agent_dir": agent_dir,
@@ -81,11 +92,8 @@ def build_extravars(
             "main": str(settings.AGENT_DIR / "main.py"),
             "requirements": str(settings.AGENT_DIR / "requirements.txt"),
         },
-        "agent_config": {
-            "server": server_url,
-            "server_token": enrollment_token,
-            "state_dir": f"{agent_dir}/state",
-        },
+        "agent_config": agent_config,
+        "ca_certificate": ca_pem or "",
     }
 
 
