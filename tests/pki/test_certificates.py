@@ -75,8 +75,7 @@ class CertificateTestCase(CertificateBase):
 
         old.refresh_from_db()
         self.assertIsNotNone(old.revoked_at)
-        self.assertTrue(services.is_revoked(old.serial))
-        self.assertFalse(services.is_revoked(new.serial))
+        self.assertEqual(services.rpc_target(self.agent).good_serials, {new.serial})
         old_delivery.refresh_from_db()
         self.assertEqual(old_delivery.status, "cancelled")
         self.assertEqual(services.current_certificate(self.agent), new)
@@ -119,6 +118,41 @@ class CertificateTestCase(CertificateBase):
         self.assertEqual(self.post_json("/api/agents/register/", body).status_code, 201)
 
         self.assertFalse(Certificate.objects.filter(agent__hostname="plain").exists())
+
+    def test_a_signing_agent_that_registers_again_gets_a_new_certificate(self) -> None:
+        body = {
+            "server_token": self.server_token,
+            "hostname": "again",
+            "rpc_port": 7443,
+            "signing": "hmac-sha256",
+        }
+        self.post_json("/api/agents/register/", body)
+        first = services.current_certificate(Agent.objects.get(hostname="again"))
+
+        self.post_json("/api/agents/register/", body)
+
+        second = services.current_certificate(Agent.objects.get(hostname="again"))
+        self.assertNotEqual(first.serial, second.serial)
+
+    def test_a_late_success_of_a_superseded_delivery_proves_nothing(self) -> None:
+        services.issue_certificate(agent=self.agent, user=self.alice)
+        old = self.delivery()
+        self.deliver()  # handed out: a new issue asks the agent to cancel it
+        new_certificate = services.issue_certificate(agent=self.agent, user=self.alice)
+        Agent.objects.filter(pk=self.agent.pk).update(signs_requests=False)  # unsigned client
+
+        self.assertEqual(self.result(old.pk, status="succeeded", exit_code=0).status_code, 200)
+
+        new_certificate.refresh_from_db()
+        self.assertIsNone(new_certificate.installed_at)
+        old.refresh_from_db()
+        self.assertEqual(old.payload_encrypted, "")  # the key leaves the database
+
+    def test_a_payload_that_no_longer_decrypts_is_delivered_empty(self) -> None:
+        services.issue_certificate(agent=self.agent, user=self.alice)
+        Command.objects.filter(command="update_certificate").update(payload_encrypted="garbage")
+
+        self.assertIsNone(as_delivered(self.delivery())["payload"])
 
     def test_a_successful_delivery_marks_the_certificate_installed(self) -> None:
         certificate = services.issue_certificate(agent=self.agent, user=self.alice)

@@ -120,7 +120,10 @@ def as_delivered(command: Command) -> dict[str, Any]:
         "created_at": command.created_at.isoformat(),
     }
     if command.payload_encrypted:
-        delivered["payload"] = json.loads(credentials.decrypt(command.payload_encrypted))
+        try:
+            delivered["payload"] = json.loads(credentials.decrypt(command.payload_encrypted))
+        except ValueError:  # SECRET_KEY changed: the agent reports it failed, polls go on
+            delivered["payload"] = None
     if command.deployment_id is not None:
         delivered["deployment_id"] = command.deployment_id
         # How long an upgraded agent has to reach the server before it rolls back: half the

@@ -36,9 +36,11 @@ def peer_address(request: HttpRequest) -> str | None:
     proxies): where the server reaches its RPC endpoint."""
     address = BaseThrottle().get_ident(request)
     try:
-        return str(ipaddress.ip_address(address))
+        parsed = ipaddress.ip_address(address)
     except ValueError:
         return None
+    # A scoped IPv6 address loses its scope in the database: not a usable RPC target.
+    return None if getattr(parsed, "scope_id", None) else str(parsed)
 
 
 class RegisterInput(serializers.Serializer):

@@ -149,7 +149,8 @@ def register_agent(
         from tether.commands.services import mark_commands_lost_on_reregister
 
         mark_commands_lost_on_reregister(agent=agent)
-    _issue_certificate_if_needed(agent)
+    # A registration is a new identity (the old state dir, and its certificate, may be gone).
+    _issue_certificate_if_needed(agent, fresh=True)
     return Registration(agent=agent, token=token, secret_key=secret_key)
 
 
@@ -157,10 +158,10 @@ def register_agent(
 HEARTBEAT_FRESHNESS = 1.0
 
 
-def _issue_certificate_if_needed(agent: Agent) -> None:
+def _issue_certificate_if_needed(agent: Agent, fresh: bool = False) -> None:
     from tether.pki.services import issue_certificate, needs_certificate
 
-    if needs_certificate(agent):
+    if needs_certificate(agent, fresh=fresh):
         issue_certificate(agent=agent)
 
 

@@ -4,6 +4,7 @@ EC P-256 throughout: small keys, fast handshakes, and what every TLS stack the a
 accepts. The CA's key never leaves TETHER_DATA_DIR (or the operator's own path)."""
 
 import datetime as dt
+import fcntl
 import ipaddress
 import os
 import secrets
@@ -12,11 +13,13 @@ from functools import lru_cache
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 
 CA_DAYS = 3650
 
@@ -47,7 +50,9 @@ class Issued:
 
 
 def _ca_paths() -> tuple[Path, Path]:
-    if settings.CA_CERT_PATH and settings.CA_KEY_PATH:
+    if bool(settings.CA_CERT_PATH) != bool(settings.CA_KEY_PATH):
+        raise ImproperlyConfigured("TETHER_CA_CERT and TETHER_CA_KEY go together")
+    if settings.CA_CERT_PATH:
         return Path(settings.CA_CERT_PATH), Path(settings.CA_KEY_PATH)
     directory = settings.DATA_DIR / "ca"
     return directory / "ca.crt", directory / "ca.key"
@@ -96,28 +101,28 @@ def _create(cert_path: Path, key_path: Path) -> None:
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
-    cert_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    key_bytes = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    # O_EXCL on the key: two processes starting at once must not each make a CA.
-    try:
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return
-    with os.fdopen(fd, "wb") as f:
-        f.write(key_bytes)
+    # The certificate first, the key last: the key's presence means the CA is whole.
     _write(cert_path, certificate.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write(key_path, _key_pem(key).encode(), 0o600)
+
+
+def _key_pem(key: PrivateKeyTypes) -> str:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
 
 
 @lru_cache(maxsize=1)
 def authority() -> Authority:
     """The CA, created on first use unless the operator gave one (TETHER_CA_CERT/KEY)."""
     cert_path, key_path = _ca_paths()
-    if not key_path.exists() and not settings.CA_CERT_PATH:
-        _create(cert_path, key_path)
+    if not settings.CA_CERT_PATH and not key_path.exists():
+        cert_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Several processes may start at once (serve, worker): one makes the CA.
+        with open(cert_path.parent / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not key_path.exists():
+                _create(cert_path, key_path)
     certificate = x509.load_pem_x509_certificate(cert_path.read_bytes())
     key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     return Authority(certificate=certificate, key=key)
@@ -166,11 +171,7 @@ def issue(common_name: str, names: list[str], days: int) -> Issued:
     return Issued(
         certificate=certificate,
         cert_pem=certificate.public_bytes(serialization.Encoding.PEM).decode(),
-        key_pem=key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        ).decode(),
+        key_pem=_key_pem(key),
     )
 
 
@@ -190,8 +191,18 @@ def server_certificate(names: list[str]) -> tuple[Path, Path]:
         except x509.ExtensionNotFound:
             covered = set()
         fresh = current.not_valid_after_utc - _now() > dt.timedelta(days=30)
-        same_ca = current.issuer == authority().certificate.subject
-        if fresh and same_ca and set(filter(None, names)) <= covered:
+        try:  # signed by this CA, not only by one of the same name
+            current.verify_directly_issued_by(authority().certificate)
+            same_ca = True
+        except (ValueError, TypeError, InvalidSignature):
+            same_ca = False
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+        pair = key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        ) == current.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        if fresh and same_ca and pair and set(filter(None, names)) <= covered:
             return cert_path, key_path
     issued = issue("tether-server", names, days=365)
     _write(key_path, issued.key_pem.encode(), 0o600)

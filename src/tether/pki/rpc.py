@@ -27,6 +27,9 @@ class Target:
     good_serials: frozenset[str]  # the agent's certificates that are not revoked
 
 
+MAX_ANSWER = 1024 * 1024
+
+
 class RpcError(Exception):
     pass
 
@@ -98,9 +101,11 @@ async def call(target: Target, method: str, path: str, timeout: float) -> tuple[
             _check_peer(target, ssl_object.getpeercert(binary_form=True) if ssl_object else None)
             writer.write(_request(target, method, path))
             await writer.drain()
-            raw = await reader.read(1024 * 1024)
-            while chunk := await reader.read(65536):
+            raw = await reader.read(MAX_ANSWER)
+            while len(raw) <= MAX_ANSWER and (chunk := await reader.read(65536)):
                 raw += chunk
+            if len(raw) > MAX_ANSWER:
+                raise RpcError("the agent's answer is too large")
     except TimeoutError:
         raise RpcError(f"no answer from {where} within {timeout:g} s") from None
     except ssl.SSLCertVerificationError as exc:

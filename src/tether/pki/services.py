@@ -20,6 +20,7 @@ UPDATE_CERTIFICATE = "update_certificate"
 
 
 def current_certificate(agent: Agent) -> Certificate | None:
+    """The one certificate of the agent that is not revoked (issuing revokes the others)."""
     return agent.certificates.filter(revoked_at=None).first()
 
 
@@ -36,6 +37,8 @@ def issue_certificate(*, agent: Agent, user: AbstractBaseUser | None = None) -> 
 
     issued = ca.issue(str(agent.pk), _names(agent), days=settings.AGENT_CERT_DAYS)
     with transaction.atomic():
+        # Two issues at once (registration, sweep, API) must not both leave a valid one.
+        Agent.objects.select_for_update().filter(pk=agent.pk).first()
         now = timezone.now()
         Certificate.objects.filter(agent=agent, revoked_at=None).update(revoked_at=now)
         certificate = Certificate.objects.create(
@@ -75,8 +78,19 @@ def set_verify_ssl(*, agent: Agent, verify_ssl: bool, user: AbstractBaseUser | N
 
 
 def certificate_installed(command: Any) -> None:
-    """The agent reported its update_certificate command: the newest certificate is in use."""
-    if command.status != "succeeded":
+    """An update_certificate command ended. Its key leaves the database either way; if it was
+    the newest delivery and succeeded, the agent serves the current certificate (a late
+    success of an older, superseded delivery proves nothing about the current one)."""
+    from tether.commands.models import Command
+
+    Command.objects.filter(pk=command.pk).update(payload_encrypted="")
+    newest = (
+        Command.objects.filter(agent_id=command.agent_id, command=UPDATE_CERTIFICATE)
+        .order_by("-created_at", "-id")
+        .values_list("pk", flat=True)
+        .first()
+    )
+    if command.status != "succeeded" or newest != command.pk:
         return
     Certificate.objects.filter(
         agent_id=command.agent_id, revoked_at=None, installed_at=None
@@ -84,6 +98,7 @@ def certificate_installed(command: Any) -> None:
 
 
 def certificate_answer(agent: Agent) -> dict[str, Any]:
+    """What update_certificate answers: the current certificate and whether it is delivered."""
     certificate = current_certificate(agent)
     return {
         "serial": certificate.serial if certificate else None,
@@ -94,9 +109,12 @@ def certificate_answer(agent: Agent) -> dict[str, Any]:
     }
 
 
-def needs_certificate(agent: Agent) -> bool:
-    """Agents of Tether's dialect with an RPC port get a certificate when they register."""
-    return agent.signs_requests and bool(agent.rpc_port) and current_certificate(agent) is None
+def needs_certificate(agent: Agent, fresh: bool = False) -> bool:
+    """Agents of Tether's dialect with an RPC port get a certificate when they register
+    (`fresh`: a new one even if one stands) or first report a port."""
+    if not (agent.signs_requests and agent.rpc_port):
+        return False
+    return fresh or current_certificate(agent) is None
 
 
 def renew_expiring() -> int:
@@ -110,11 +128,6 @@ def renew_expiring() -> int:
         issue_certificate(agent=certificate.agent)
         count += 1
     return count
-
-
-def is_revoked(serial: str) -> bool:
-    """Unknown serials count as revoked: only what this CA issued and still stands is good."""
-    return not Certificate.objects.filter(serial=serial, revoked_at=None).exists()
 
 
 def rpc_target(agent: Agent) -> Any:
@@ -140,8 +153,11 @@ def rpc_target(agent: Agent) -> Any:
 def record_status_check(agent_id: int, answer: dict[str, Any]) -> str:
     """An answer proves the agent alive (online, version); no answer changes nothing: a
     fresh heartbeat still stands, and a stale one is the sweep's to judge."""
-    agent = Agent.objects.get(pk=agent_id)
-    if answer["reachable"]:
+    agent = Agent.objects.filter(pk=agent_id).first()
+    if agent is None:
+        return "deleted"
+    # Without verify_ssl anyone at that address could answer: report it, trust nothing.
+    if answer["reachable"] and agent.verify_ssl:
         fields: dict[str, Any] = {"last_heartbeat": timezone.now()}
         if agent.status in (Agent.Status.PENDING, Agent.Status.OFFLINE, Agent.Status.STOPPED):
             fields["status"] = Agent.Status.ONLINE
