@@ -229,6 +229,7 @@ class Run:
         self.chunk_limit = MAX_CHUNK_BYTES
         self.progress_refused = False
         self.resend_result = False  # a reported command was delivered again
+        self.payload = None  # an internal command's payload: in memory only
         self.conflicts = 0
 
     @property
@@ -654,6 +655,9 @@ def accept_command(agent, spec):
     if agent.journal.knows(cid):
         agent.sender.redelivered(cid)
         return
+    # A payload (a certificate's private key) is kept in memory only, never journaled: after a
+    # restart the command reports it has none, and the server issues another.
+    payload = spec.pop("payload", None)
     entry = {
         "id": cid,
         "spec": spec,
@@ -662,6 +666,7 @@ def accept_command(agent, spec):
         "max_output_bytes": int(agent.config.get("max_output_bytes") or 0),
     }
     run = Run(entry)
+    run.payload = payload
     try:
         agent.journal.save(entry)
     except OSError as exc:  # not journaled, not run: the server hands it out again later
@@ -1682,6 +1687,14 @@ RPC_WINDOW = 30  # seconds between the caller's timestamp and our clock
 RPC_MAX_BODY = 64 * 1024
 RPC_REPLAY_MAX = 4096  # signatures remembered within the window; past that, refuse
 RPC_HANDSHAKE_TIMEOUT = 5.0
+RPC_MAX_CONNECTIONS = 16
+RPC_REQUEST_DEADLINE = 10.0  # seconds from accept to the end of the answer
+
+
+def _hang_up(sock):
+    """Wake a handler still reading a connection past its deadline."""
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
 RPC_REQUEST_TIMEOUT = 10.0
 RPC_POLL_INTERVAL = 0.5  # how soon the accept loop sees a close
 DIGITS = re.compile(r"[0-9]{1,12}")
@@ -1696,14 +1709,12 @@ def rpc_context(cert_path, key_path):
 
 
 def update_certificate(agent, run):
-    """Install the certificate the server issued for the RPC endpoint. The journal entry keeps
-    no copy of the private key once the command is done."""
-    spec = run.entry["spec"]
+    """Install the certificate the server issued for the RPC endpoint. The key was never
+    journaled (accept_command keeps payloads in memory) and is dropped here."""
     try:
-        context = install_certificate(agent.args.state_dir, spec.get("payload"))
+        context = install_certificate(agent.args.state_dir, run.payload)
     finally:
-        with run.lock:
-            spec.pop("payload", None)
+        run.payload = None
     agent.client.reload_tls()  # the pinned CA may have changed
     if agent.rpc is None:
         log("info", "certificate installed; no --rpc-port, so nothing serves it")
@@ -1823,7 +1834,30 @@ class RpcHTTPServer(http.server.ThreadingHTTPServer):
 
     def __init__(self, address, rpc):
         self.rpc = rpc
+        # Strangers can connect: a bounded number of connections, each with a deadline, so
+        # that slow or idle ones cannot pile up threads.
+        self.slots = threading.BoundedSemaphore(RPC_MAX_CONNECTIONS)
         http.server.ThreadingHTTPServer.__init__(self, address, RpcHandler)
+
+    def process_request(self, request, client_address):
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            http.server.ThreadingHTTPServer.process_request(self, request, client_address)
+        except Exception:
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        deadline = threading.Timer(RPC_REQUEST_DEADLINE, _hang_up, args=(request,))
+        deadline.daemon = True
+        deadline.start()
+        try:
+            http.server.ThreadingHTTPServer.process_request_thread(self, request, client_address)
+        finally:
+            deadline.cancel()
+            self.slots.release()
 
     def server_bind(self):
         socketserver.TCPServer.server_bind(self)  # HTTPServer's also looks up our FQDN: slow

@@ -141,6 +141,7 @@ def install(node, ca: Ca, cert: str | None = None, key: str | None = None) -> di
     }
     assert agent.check_spec(spec) is None
     run = agent.Run({"id": spec["id"], "spec": spec, "state": "accepted"})
+    run.payload = spec.pop("payload")  # as accept_command keeps it: in memory only
     node.journal.add(run)
     node.runner.execute_internal(run)
     return run.entry["result"]
@@ -235,6 +236,22 @@ def test_update_certificate_writes_the_files_and_forgets_the_payload(node, ca: C
     assert not list(state.glob("*.new"))
     journaled = [p.read_text() for p in (state / "commands").glob("*.json")]
     assert journaled and not any("PRIVATE KEY" in text for text in journaled)
+
+
+def test_an_accepted_delivery_keeps_its_key_out_of_the_journal(node, ca: Ca) -> None:
+    cert, key, _ = ca.issue()
+    spec = {
+        "id": "cert-accepted",
+        "kind": "internal",
+        "command": "update_certificate",
+        "payload": {"certificate": cert, "private_key": key},
+    }
+
+    agent.accept_command(node, spec)
+
+    journaled = (Path(node.args.state_dir) / "commands" / "cert-accepted.json").read_text()
+    assert "PRIVATE KEY" not in journaled
+    assert node.journal.get("cert-accepted").payload["private_key"] == key
 
 
 def test_a_signed_status_request_is_answered(serving, ca: Ca) -> None:
@@ -440,6 +457,7 @@ def test_a_key_that_does_not_match_the_certificate_is_refused_and_the_old_one_st
 def test_a_delivery_without_a_certificate_fails(serving, ca: Ca) -> None:
     spec = {"id": "empty", "kind": "internal", "command": "update_certificate", "payload": {}}
     run = agent.Run({"id": "empty", "spec": spec, "state": "accepted"})
+    run.payload = spec.pop("payload")
     serving.journal.add(run)
 
     serving.runner.execute_internal(run)
@@ -464,6 +482,30 @@ def test_a_slow_handshake_does_not_hold_up_other_callers(serving, ca: Ca) -> Non
         status, _ = call(connect(serving, ca), "GET", path, signed_headers("GET", path))
 
     assert status == 200
+
+
+def test_idle_strangers_cannot_take_more_than_their_share(serving, ca: Ca) -> None:
+    idle = [
+        socket.create_connection(("127.0.0.1", serving.rpc.port))
+        for _ in range(agent.RPC_MAX_CONNECTIONS)
+    ]
+    try:
+        with socket.create_connection(("127.0.0.1", serving.rpc.port), timeout=5) as one_more:
+            assert one_more.recv(1) == b""  # hung up at once: no slot left
+    finally:
+        for sock in idle:
+            sock.close()
+
+    def answered() -> bool:
+        path = f"/status?nonce=after-{time.monotonic_ns()}"
+        with contextlib.suppress(OSError, http.client.HTTPException):
+            return call(connect(serving, ca), "GET", path, signed_headers("GET", path))[0] == 200
+        return False
+
+    deadline = time.monotonic() + 10
+    while not answered():
+        assert time.monotonic() < deadline, "slots were not given back"
+        time.sleep(0.05)
 
 
 # --- the agent as a client of an https:// server --------------------------------------------
