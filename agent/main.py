@@ -481,8 +481,11 @@ class Client:
         try:
             opener = self.opener
             if opener is None:
-                handler = urllib.request.HTTPSHandler(context=self.https_context())
-                opener = self.opener = urllib.request.build_opener(handler)
+                # Plain http:// needs no context (building one loads the system's CA store).
+                handlers = []
+                if self.server_url.startswith("https:"):
+                    handlers.append(urllib.request.HTTPSHandler(context=self.https_context()))
+                opener = self.opener = urllib.request.build_opener(*handlers)
             with opener.open(req, timeout=timeout) as resp:
                 status, raw, resp_headers = resp.status, resp.read(), resp.headers
         except urllib.error.HTTPError as exc:
