@@ -1885,6 +1885,14 @@ class RpcHTTPServer(http.server.ThreadingHTTPServer):
         log("error", "rpc request failed", peer=client_address[0], trace=traceback.format_exc())
 
 
+class DualStackRpcHTTPServer(RpcHTTPServer):
+    address_family = socket.AF_INET6
+
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        RpcHTTPServer.server_bind(self)
+
+
 class RpcServer:
     """The endpoint's state: the current TLS context, the listening server once there is one,
     and the signatures accepted within the window (the replay cache)."""
@@ -1921,8 +1929,14 @@ class RpcServer:
                 self.httpd = self.listen()
 
     def listen(self):
+        """On every address, IPv6 and IPv4 alike where the host allows: the server calls the
+        address the agent's requests came from, whichever family that was."""
         try:
-            httpd = RpcHTTPServer(("0.0.0.0", self.port), self)
+            httpd = DualStackRpcHTTPServer(("::", self.port), self)
+        except OSError:
+            httpd = None
+        try:
+            httpd = httpd or RpcHTTPServer(("0.0.0.0", self.port), self)
         except OSError as exc:
             log("error", "cannot listen for rpc; going on without it", port=self.port, error=exc)
             return None

@@ -484,6 +484,19 @@ def test_a_slow_handshake_does_not_hold_up_other_callers(serving, ca: Ca) -> Non
     assert status == 200
 
 
+def test_the_endpoint_answers_over_ipv6_too(serving, ca: Ca) -> None:
+    try:
+        socket.create_connection(("::1", serving.rpc.port), timeout=2).close()
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    context = client_context(ca)
+    context.check_hostname = False  # the test certificate names 127.0.0.1; the CA still counts
+    conn = http.client.HTTPSConnection("::1", serving.rpc.port, context=context, timeout=5)
+    path = "/status?nonce=v6"
+
+    assert call(conn, "GET", path, signed_headers("GET", path))[0] == 200
+
+
 def test_idle_strangers_cannot_take_more_than_their_share(serving, ca: Ca) -> None:
     idle = [
         socket.create_connection(("127.0.0.1", serving.rpc.port))
