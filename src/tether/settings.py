@@ -66,6 +66,7 @@ INSTALLED_APPS = [
     "tether.commands",
     "tether.deploy",
     "tether.pki",
+    "tether.web",
 ]
 
 MIDDLEWARE = [

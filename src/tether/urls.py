@@ -69,6 +69,7 @@ urlpatterns = [
     path("api/deployments/<int:deployment_id>/stream/", deployment_stream),
     path("api/agents/<int:agent_id>/check_status/", pki_views.check_status),
     path("api/", include(router.urls)),
+    path("", include("tether.web.urls")),
 ]
 
 handler400 = "tether.errors.bad_request"

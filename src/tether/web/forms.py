@@ -1,0 +1,125 @@
+"""Form input for the pages: the command form and the template and server editors."""
+
+import json
+from typing import Any
+
+from django import forms
+from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
+from django.http import QueryDict
+
+from tether.accounts.selectors import templates_visible_to
+from tether.commands import command_templates
+from tether.commands.api.serializers import MAX_COMMAND_CHARS
+from tether.commands.models import CommandTemplate
+
+PARAM_PREFIX = "param_"
+
+
+class RunCommandForm(forms.Form):
+    command = forms.CharField(max_length=MAX_COMMAND_CHARS, required=False, strip=False)
+    template = forms.ModelChoiceField(
+        queryset=CommandTemplate.objects.none(), required=False, empty_label="(none)"
+    )
+    timeout = forms.IntegerField(
+        min_value=1, max_value=settings.COMMAND_TIMEOUT_MAX, required=False
+    )
+
+    def __init__(self, *args: Any, user: AbstractBaseUser, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.fields["template"].queryset = templates_visible_to(user).order_by("name")
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        has_command = bool((data.get("command") or "").strip())
+        if has_command == bool(data.get("template")):
+            raise forms.ValidationError("Give either a command or a template.")
+        return data
+
+    def rendered_line(self, values: dict[str, Any]) -> str | None:
+        """The template's command line with its values quoted; None (and a form error) when
+        the values do not fit the template."""
+        template = self.cleaned_data["template"]
+        try:
+            return command_templates.render(template.command, template.parameters, values)
+        except command_templates.TemplateError as exc:
+            self.add_error(None, str(exc))
+            return None
+
+
+def template_values(template: CommandTemplate, data: QueryDict) -> dict[str, Any]:
+    """The parameter values posted as `param_<name>`; blank ones are left out so that the
+    template's defaults apply."""
+    values: dict[str, Any] = {}
+    for spec in template.parameters:
+        key = PARAM_PREFIX + spec["name"]
+        if spec["type"] == "boolean":
+            values[spec["name"]] = key in data
+        elif data.get(key, "") != "":
+            values[spec["name"]] = data[key]
+    return values
+
+
+class TemplateForm(forms.ModelForm):
+    """A command template; `parameters` is a JSON list, checked by the template rules."""
+
+    parameters = forms.CharField(
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 4}),
+        help_text='e.g. [{"name": "unit", "type": "string"}]; write {unit} in the command.',
+    )
+
+    class Meta:
+        model = CommandTemplate
+        fields = ["name", "description", "command", "timeout"]
+        widgets = {
+            "description": forms.TextInput(),
+            "command": forms.Textarea(attrs={"rows": 3, "class": "mono"}),
+        }
+
+    def __init__(self, *args: Any, owner: AbstractBaseUser, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.owner = owner
+        if self.instance.pk and not self.is_bound:
+            self.initial["parameters"] = json.dumps(self.instance.parameters, indent=1)
+
+    def clean_name(self) -> str:
+        name = self.cleaned_data["name"]
+        taken = templates_visible_to(self.owner).filter(name=name).exclude(pk=self.instance.pk)
+        if taken.exists():
+            raise forms.ValidationError("You already have a template with this name.")
+        return name
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        text = (data.get("parameters") or "").strip() or "[]"
+        try:
+            parameters = json.loads(text)
+            data["parameters"] = command_templates.validate_parameters(
+                data.get("command", ""), parameters
+            )
+        except ValueError as exc:  # TemplateError is a ValueError, and so is bad JSON
+            self.add_error("parameters", str(exc))
+        return data
+
+    def save(self, commit: bool = True) -> CommandTemplate:
+        template = super().save(commit=False)
+        template.owner = self.owner
+        template.parameters = self.cleaned_data["parameters"]
+        if commit:
+            template.save()
+        return template
+
+
+class ServerForm(forms.Form):
+    name = forms.CharField(max_length=200)
+    host = forms.CharField(max_length=255)
+    ssh_user = forms.CharField(max_length=64, initial="root")
+    ssh_port = forms.IntegerField(min_value=1, max_value=65535, initial=22)
+    ssh_private_key = forms.CharField(
+        required=False,
+        strip=False,
+        label="SSH private key",
+        widget=forms.Textarea(attrs={"rows": 3, "autocomplete": "off"}),
+        help_text="Optional: lets Tether install and start the agent over SSH. Stored encrypted.",
+    )

@@ -1,0 +1,117 @@
+"""The pages that set the fleet up: servers (and their tokens) and command templates."""
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_http_methods, require_POST
+from rest_framework import exceptions
+
+from tether.accounts.selectors import servers_visible_to, templates_visible_to
+from tether.deploy import services as deploy_services
+from tether.deploy.services import public_url
+from tether.fleet import services as fleet_services
+from tether.fleet.models import Server
+
+from .forms import ServerForm, TemplateForm
+
+
+def _agent_command_line(request: HttpRequest, token: str) -> str:
+    url = public_url() or request.build_absolute_uri("/").rstrip("/")
+    return (
+        f"python3 main.py --server {url} --server-token {token} --state-dir /var/lib/tether-agent"
+    )
+
+
+def _token_page(request: HttpRequest, server: Server, token: str) -> HttpResponse:
+    """The one time a server token is shown: with the agent command line to paste."""
+    context = {
+        "server": server,
+        "token": token,
+        "command_line": _agent_command_line(request, token),
+    }
+    return render(request, "web/server_token.html", context)
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def servers(request: HttpRequest) -> HttpResponse:
+    form = ServerForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        name = form.cleaned_data["name"]
+        if servers_visible_to(request.user).filter(owner=request.user, name=name).exists():
+            form.add_error("name", "You already have a server with this name.")
+        else:
+            server, token = fleet_services.create_server(owner=request.user, **form.cleaned_data)
+            return _token_page(request, server, token)
+    listing = servers_visible_to(request.user).prefetch_related("agents").order_by("name")
+    return render(request, "web/servers.html", {"servers": listing, "form": form})
+
+
+@login_required
+@require_POST
+def server_rotate(request: HttpRequest, server_id: int) -> HttpResponse:
+    server = get_object_or_404(servers_visible_to(request.user), pk=server_id)
+    token = fleet_services.rotate_server_token(server=server, user=request.user)
+    return _token_page(request, server, token)
+
+
+@login_required
+@require_POST
+def server_install(request: HttpRequest, server_id: int) -> HttpResponse:
+    """Install the agent over SSH; the deployment page follows its log."""
+    server = get_object_or_404(servers_visible_to(request.user), pk=server_id)
+    try:
+        deployment = deploy_services.request_deployment(
+            kind="install",
+            server=server,
+            agent=None,
+            user=request.user,
+            server_url=request.build_absolute_uri("/").rstrip("/"),
+        )
+    except exceptions.APIException as exc:
+        messages.error(request, f"{server.name}: {exc.detail}")
+        return redirect("web:servers")
+    return redirect("web:deployment", deployment_id=deployment.pk)
+
+
+@login_required
+@require_POST
+def server_delete(request: HttpRequest, server_id: int) -> HttpResponse:
+    server = get_object_or_404(servers_visible_to(request.user), pk=server_id)
+    fleet_services.delete_server(server=server, user=request.user)
+    messages.success(request, f"Server {server.name} was deleted.")
+    return redirect("web:servers")
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def templates(request: HttpRequest) -> HttpResponse:
+    form = TemplateForm(request.POST or None, owner=request.user)
+    if request.method == "POST" and form.is_valid():
+        template = form.save()
+        messages.success(request, f"Template {template.name} was created.")
+        return redirect("web:templates")
+    listing = templates_visible_to(request.user).order_by("name")
+    return render(request, "web/templates.html", {"templates": listing, "form": form})
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def template_edit(request: HttpRequest, template_id: int) -> HttpResponse:
+    template = get_object_or_404(templates_visible_to(request.user), pk=template_id)
+    form = TemplateForm(request.POST or None, instance=template, owner=request.user)
+    if request.method == "POST" and form.is_valid():
+        form.save()
+        messages.success(request, f"Template {template.name} was saved.")
+        return redirect("web:templates")
+    return render(request, "web/template_edit.html", {"template": template, "form": form})
+
+
+@login_required
+@require_POST
+def template_delete(request: HttpRequest, template_id: int) -> HttpResponse:
+    template = get_object_or_404(templates_visible_to(request.user), pk=template_id)
+    template.delete()
+    messages.success(request, f"Template {template.name} was deleted.")
+    return redirect("web:templates")

@@ -1,0 +1,128 @@
+// Live parts of the pages: a command's output and a deployment's log follow the API's
+// Server-Sent Events streams (the session cookie authenticates them). Everything received
+// is written with textContent: output is text, never HTML.
+(function () {
+  "use strict";
+
+  var FINAL = ["succeeded", "failed", "timed_out", "cancelled", "lost"];
+
+  function field(root, name) {
+    return root.querySelector('[data-field="' + name + '"]');
+  }
+
+  function setBadge(badge, status) {
+    badge.textContent = status;
+    badge.className = "badge status-" + status;
+  }
+
+  function seconds(start, end) {
+    if (!start || !end) return "";
+    return ((Date.parse(end) - Date.parse(start)) / 1000).toFixed(1) + " s";
+  }
+
+  function followCommand(root) {
+    if (root.dataset.started || root.hasAttribute("data-final")) return;
+    root.dataset.started = "1";
+    var output = field(root, "output");
+    var cancel = root.querySelector("[data-cancel]");
+    var source = new EventSource(root.dataset.stream);
+    source.addEventListener("output", function (message) {
+      var chunk = JSON.parse(message.data);
+      var span = document.createElement("span");
+      span.className = chunk.stream;
+      span.textContent = chunk.data;
+      output.appendChild(span);
+      output.scrollTop = output.scrollHeight;
+    });
+    source.addEventListener("status", function (message) {
+      setBadge(field(root, "status"), JSON.parse(message.data).status);
+    });
+    source.addEventListener("end", function (message) {
+      source.close();
+      var end = JSON.parse(message.data);
+      setBadge(field(root, "status"), end.status);
+      field(root, "exit").textContent = end.exit_code === null ? "" : "exit " + end.exit_code;
+      field(root, "error").textContent = end.error || "";
+      if (cancel) cancel.hidden = true;
+      root.setAttribute("data-final", "");
+      fetch(root.dataset.detail, { credentials: "same-origin" })
+        .then(function (response) { return response.ok ? response.json() : null; })
+        .then(function (command) {
+          if (command) {
+            field(root, "duration").textContent =
+              seconds(command.started_at || command.created_at, command.finished_at);
+          }
+        });
+      document.body.dispatchEvent(new CustomEvent("command-ended"));
+    });
+  }
+
+  function followDeployment(root) {
+    if (root.dataset.started) return;
+    var badge = field(root, "status");
+    if (FINAL.indexOf(badge.textContent.trim()) >= 0) return;
+    root.dataset.started = "1";
+    var log = field(root, "log");
+    var source = new EventSource(root.dataset.stream);
+    source.addEventListener("log", function (message) {
+      var part = JSON.parse(message.data);
+      if (part.offset === 0) log.textContent = "";
+      log.appendChild(document.createTextNode(part.data));
+      log.scrollTop = log.scrollHeight;
+    });
+    source.addEventListener("status", function (message) {
+      setBadge(badge, JSON.parse(message.data).status);
+    });
+    source.addEventListener("end", function (message) {
+      source.close();
+      setBadge(badge, JSON.parse(message.data).status);
+    });
+  }
+
+  function csrfToken() {
+    var input = document.querySelector("input[name=csrfmiddlewaretoken]");
+    return input ? input.value : "";
+  }
+
+  function checkStatus(button) {
+    var out = button.closest(".card").querySelector(".status-check");
+    out.hidden = false;
+    out.textContent = "checking…";
+    fetch(button.dataset.checkStatus, {
+      method: "POST",
+      credentials: "same-origin",
+      headers: { "X-CSRFToken": csrfToken() },
+    })
+      .then(function (response) { return response.json(); })
+      .then(function (answer) {
+        var error = answer.error;
+        if (error && typeof error === "object") error = error.message;
+        out.textContent = answer.reachable
+          ? "reachable, version " + answer.version + ", " + answer.running.length +
+            " running, " + answer.latency_ms + " ms"
+          : "not reachable: " + (error || "unknown error");
+      })
+      .catch(function (error) { out.textContent = "check failed: " + error; });
+  }
+
+  function start(scope) {
+    scope.querySelectorAll(".console[data-stream]").forEach(followCommand);
+    scope.querySelectorAll(".deployment[data-stream]").forEach(followDeployment);
+  }
+
+  document.addEventListener("DOMContentLoaded", function () { start(document); });
+  document.addEventListener("htmx:afterSettle", function (event) { start(event.target); });
+  document.addEventListener("submit", function (event) {
+    var message = event.target.dataset && event.target.dataset.confirm;
+    if (message && !window.confirm(message)) event.preventDefault();
+  }, true);
+  document.addEventListener("click", function (event) {
+    var button = event.target.closest("[data-check-status]");
+    if (button) checkStatus(button);
+    var copy = event.target.closest("[data-copy]");
+    if (copy && navigator.clipboard) {
+      navigator.clipboard.writeText(document.getElementById(copy.dataset.copy).value);
+      copy.textContent = "Copied";
+    }
+  });
+})();

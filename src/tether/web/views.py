@@ -1,0 +1,236 @@
+"""The operators' pages: fleet, agent console, commands and deployments.
+
+Each view reads through the ownership selectors (another user's object is a 404) and changes
+state only through the services, which audit every human action. The live output is not
+rendered here: the page's script follows the API's SSE streams with the session cookie.
+"""
+
+from pathlib import Path
+from typing import Any
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.exceptions import SuspiciousFileOperation
+from django.db.models import Count, Q, QuerySet
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.views.decorators.http import require_GET, require_POST
+from django.views.static import serve
+from rest_framework import exceptions
+
+from tether.accounts.selectors import (
+    agents_visible_to,
+    commands_visible_to,
+    deployments_visible_to,
+    templates_visible_to,
+)
+from tether.commands import output
+from tether.commands import services as command_services
+from tether.commands.states import is_final
+from tether.deploy import services as deploy_services
+from tether.fleet.models import Agent
+from tether.pki import services as pki_services
+
+from .forms import RunCommandForm, template_values
+
+HISTORY_LENGTH = 50
+LIFECYCLE_ACTIONS = ("upgrade", "stop", "start")
+STATIC_DIR = Path(__file__).resolve().parent / "static" / "web"
+
+
+@require_GET
+def static_file(request: HttpRequest, path: str) -> HttpResponse:
+    """This app's own CSS and scripts (uvicorn serves no static files); a path that would
+    leave the directory is simply not found."""
+    try:
+        return serve(request, path, document_root=STATIC_DIR)
+    except SuspiciousFileOperation as exc:
+        raise Http404 from exc
+
+
+def _filtered_agents(request: HttpRequest) -> QuerySet[Agent]:
+    agents = agents_visible_to(request.user).order_by("hostname", "id")
+    status = request.GET.get("status", "")
+    if status in Agent.Status.values:
+        agents = agents.filter(status=status)
+    if search := request.GET.get("q", "").strip():
+        agents = agents.filter(hostname__icontains=search)
+    if tag := request.GET.get("tag", "").strip():
+        # JSON containment is not portable to SQLite; tag lists are short.
+        tagged = [pk for pk, tags in agents.values_list("pk", "tags") if tag in (tags or [])]
+        agents = agents.filter(pk__in=tagged)
+    return agents
+
+
+def _fleet_context(request: HttpRequest) -> dict[str, Any]:
+    counts = agents_visible_to(request.user).aggregate(
+        total=Count("id"),
+        online=Count("id", filter=Q(status=Agent.Status.ONLINE)),
+        offline=Count("id", filter=Q(status=Agent.Status.OFFLINE)),
+    )
+    return {
+        "agents": _filtered_agents(request),
+        "counts": counts,
+        "statuses": Agent.Status.values,
+        "filters": {key: request.GET.get(key, "") for key in ("status", "q", "tag")},
+    }
+
+
+@login_required
+@require_GET
+def fleet(request: HttpRequest) -> HttpResponse:
+    return render(request, "web/fleet.html", _fleet_context(request))
+
+
+@login_required
+@require_GET
+def fleet_rows(request: HttpRequest) -> HttpResponse:
+    """The fragment the fleet page polls: counters and rows, one query each."""
+    return render(request, "web/_fleet_rows.html", _fleet_context(request))
+
+
+@login_required
+@require_GET
+def agent_detail(request: HttpRequest, agent_id: int) -> HttpResponse:
+    agent = get_object_or_404(agents_visible_to(request.user), pk=agent_id)
+    context = {
+        "agent": agent,
+        "form": RunCommandForm(user=request.user),
+        "deployments": agent.deployments.order_by("-created_at")[:5],
+        "certificate": pki_services.current_certificate(agent),
+        "lifecycle_actions": LIFECYCLE_ACTIONS,
+        "commands": _history(agent),
+    }
+    return render(request, "web/agent.html", context)
+
+
+@login_required
+@require_GET
+def agent_status(request: HttpRequest, agent_id: int) -> HttpResponse:
+    """The agent page's status badge, polled like the fleet's rows."""
+    agent = get_object_or_404(agents_visible_to(request.user), pk=agent_id)
+    return render(request, "web/_agent_status.html", {"agent": agent})
+
+
+@login_required
+@require_GET
+def agent_history(request: HttpRequest, agent_id: int) -> HttpResponse:
+    agent = get_object_or_404(agents_visible_to(request.user), pk=agent_id)
+    return render(request, "web/_history.html", {"commands": _history(agent)})
+
+
+def _history(agent: Agent) -> QuerySet:
+    latest = agent.commands.select_related("created_by").order_by("-created_at", "-id")
+    return latest[:HISTORY_LENGTH]
+
+
+@login_required
+@require_GET
+def template_params(request: HttpRequest, agent_id: int) -> HttpResponse:
+    """The parameter inputs of the chosen template, swapped into the command form."""
+    get_object_or_404(agents_visible_to(request.user), pk=agent_id)
+    template = templates_visible_to(request.user).filter(pk=request.GET.get("template") or 0)
+    return render(request, "web/_template_params.html", {"template": template.first()})
+
+
+@login_required
+@require_POST
+def run_command(request: HttpRequest, agent_id: int) -> HttpResponse:
+    """Queue a command line, or a template with its values (each value is shell-quoted by
+    the template renderer), and answer with the console that follows its output."""
+    agent = get_object_or_404(agents_visible_to(request.user), pk=agent_id)
+    form = RunCommandForm(request.POST, user=request.user)
+    if not form.is_valid():
+        return render(request, "web/_console_error.html", {"form": form}, status=400)
+    template = form.cleaned_data["template"]
+    timeout = form.cleaned_data["timeout"]
+    if template is not None:
+        line = form.rendered_line(template_values(template, request.POST))
+        if line is None:
+            return render(request, "web/_console_error.html", {"form": form}, status=400)
+        timeout = timeout or template.timeout
+    else:
+        line = form.cleaned_data["command"]
+    command = command_services.queue_command(
+        agent=agent, command=line, timeout=timeout, user=request.user
+    )
+    return render(request, "web/_console.html", {"command": command})
+
+
+@login_required
+@require_POST
+def agent_action(request: HttpRequest, agent_id: int, action: str) -> HttpResponse:
+    """Upgrade, stop or start (a deployment with a live log), or a new certificate."""
+    agent = get_object_or_404(agents_visible_to(request.user), pk=agent_id)
+    try:
+        if action == "certificate":
+            if not agent.signs_requests:
+                raise exceptions.ValidationError("this agent has no RPC endpoint to certify")
+            pki_services.issue_certificate(agent=agent, user=request.user)
+            messages.success(request, "A new certificate was issued and is being delivered.")
+            return redirect("web:agent", agent_id=agent.pk)
+        deployment = deploy_services.request_deployment(
+            kind=action,
+            server=agent.server,
+            agent=agent,
+            user=request.user,
+            server_url=request.build_absolute_uri("/").rstrip("/"),
+        )
+    except exceptions.APIException as exc:
+        messages.error(request, _message(exc))
+        return redirect("web:agent", agent_id=agent.pk)
+    return redirect("web:deployment", deployment_id=deployment.pk)
+
+
+def _message(exc: exceptions.APIException) -> str:
+    detail = exc.detail
+    while isinstance(detail, list | dict) and detail:
+        detail = next(iter(detail.values())) if isinstance(detail, dict) else detail[0]
+    return str(detail)
+
+
+@login_required
+@require_GET
+def command_detail(request: HttpRequest, command_id: int) -> HttpResponse:
+    command = get_object_or_404(commands_visible_to(request.user), pk=command_id)
+    context = {
+        "command": command,
+        "final": is_final(command.status),
+        "stdout": output.output_text(command, "stdout"),
+        "stderr": output.output_text(command, "stderr"),
+    }
+    return render(request, "web/command.html", context)
+
+
+@login_required
+@require_GET
+def command_raw(request: HttpRequest, command_id: int, stream: str) -> HttpResponse:
+    """The stored bytes of one stream, as a download (never rendered by the browser)."""
+    command = get_object_or_404(commands_visible_to(request.user), pk=command_id)
+    if stream not in ("stdout", "stderr"):
+        return HttpResponse(status=404)
+    data, _ = output.read_output(command, stream)
+    response = HttpResponse(data, content_type="application/octet-stream")
+    response["Content-Disposition"] = f'attachment; filename="command-{command.pk}.{stream}"'
+    return response
+
+
+@login_required
+@require_POST
+def command_cancel(request: HttpRequest, command_id: int) -> HttpResponse:
+    """The console hears the outcome on its stream; this only answers whether it was taken."""
+    command = get_object_or_404(commands_visible_to(request.user), pk=command_id)
+    try:
+        command_services.cancel_command(command=command, user=request.user)
+    except exceptions.APIException as exc:
+        return HttpResponse(_message(exc), status=409, content_type="text/plain")
+    return HttpResponse(status=204)
+
+
+@login_required
+@require_GET
+def deployment_detail(request: HttpRequest, deployment_id: int) -> HttpResponse:
+    deployment = get_object_or_404(
+        deployments_visible_to(request.user).select_related("agent", "server"), pk=deployment_id
+    )
+    return render(request, "web/deployment.html", {"deployment": deployment})
