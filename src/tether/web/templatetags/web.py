@@ -1,9 +1,14 @@
 """Small display helpers for the pages."""
 
+from collections.abc import Iterable
 from datetime import datetime
+from typing import Any
 
 from django import template
+from django.urls import reverse
 from django.utils import timezone
+from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 
 register = template.Library()
 
@@ -28,3 +33,33 @@ def duration(command: object) -> str:
     if start is None or end is None:
         return ""
     return f"{(end - start).total_seconds():.1f} s"
+
+
+@register.simple_tag
+def fleet_rows(agents: Iterable[Any]) -> str:
+    """The fleet table's rows. Built in Python, not with the template language: the page
+    re-fetches them every few seconds, and for a few hundred agents a template loop is most of
+    the request's CPU (measured in bench/fleet_page.py). format_html escapes every value."""
+    link = reverse("web:agent", args=[0])[: -len("0/")]
+    rows = []
+    for agent in agents:
+        tags = format_html_join("", '<span class="tag">{}</span>', ((t,) for t in agent.tags or []))
+        rows.append(
+            format_html(
+                '<tr data-agent="{pk}"><td data-label="Hostname"><a href="{link}{pk}/">{host}</a>'
+                '</td><td data-label="Server">{server}</td><td data-label="Status"><span '
+                'class="badge status-{status}">{status}</span></td><td data-label="Version">'
+                '{version}</td><td data-label="Heartbeat" title="{beat}">{ago}</td>'
+                '<td data-label="Tags">{tags}</td></tr>',
+                pk=agent.pk,
+                link=link,
+                host=agent.hostname,
+                server=agent.server.name,
+                status=agent.status,
+                version=agent.version or "\u2013",
+                beat=agent.last_heartbeat or "",
+                ago=ago(agent.last_heartbeat),
+                tags=tags,
+            )
+        )
+    return mark_safe("".join(rows))  # noqa: S308 (each row is format_html output)
