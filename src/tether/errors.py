@@ -7,7 +7,7 @@ to a client: unexpected errors are logged by Django and answered with a bare 500
 from typing import Any
 
 from django.core.exceptions import PermissionDenied, RequestDataTooBig
-from django.http import Http404, HttpRequest, JsonResponse
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -80,7 +80,14 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     return response
 
 
-def not_found(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
+def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
+    """JSON for the API and agents; a page for a browser on the web UI's paths."""
+    wants_page = "text/html" in request.headers.get("Accept", "")
+    if wants_page and not request.path.startswith("/api/"):
+        from django.template.loader import render_to_string
+
+        body = render_to_string("web/404.html", request=request)
+        return HttpResponse(body, status=404)
     return json_error("not_found", "Not found.", 404)
 
 

@@ -94,6 +94,17 @@ class AgentPageTestCase(WebTestCase):
         self.assertContains(response, 'name="command"')
         self.assertContains(response, "csrfmiddlewaretoken")
 
+    def test_a_browser_gets_a_page_for_a_404_and_an_api_client_json(self) -> None:
+        url = f"/agents/{self.bob_agent.pk}/"
+
+        page = self.client.get(url, HTTP_ACCEPT="text/html,application/xhtml+xml")
+
+        self.assertEqual(page.status_code, 404)
+        self.assertIn(b"<h1>Not found</h1>", page.content)
+        self.assertNotIn(b"db-1", page.content)  # says nothing of what is there
+        api = self.client.get(f"/api/agents/{self.bob_agent.pk}/")
+        self.assertEqual(api.json()["error"]["code"], "not_found")
+
     def test_it_answers_404_for_another_users_agent(self) -> None:
         bob_command = self.queue("id", agent=self.bob_agent)
         for url in (
