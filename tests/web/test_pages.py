@@ -3,6 +3,7 @@ always text. The browser tier (tests/web/test_browser.py) drives the live parts.
 
 from django.test import Client
 
+from tether.accounts.models import AuditEvent
 from tether.commands import services as command_services
 from tether.commands.models import Command, CommandTemplate
 from tether.commands.output import Chunk
@@ -232,6 +233,11 @@ class TemplatesPageTestCase(WebTestCase):
         self.assertEqual(template.command, "systemctl status {unit}")
         self.client.post(f"/templates/{template.pk}/delete/")
         self.assertFalse(CommandTemplate.objects.filter(pk=template.pk).exists())
+        audited = AuditEvent.objects.filter(user=self.alice, action__startswith="template.")
+        self.assertEqual(
+            list(audited.order_by("id").values_list("action", flat=True)),
+            ["template.create", "template.update", "template.delete"],
+        )
 
     def test_it_refuses_a_placeholder_inside_quotes(self) -> None:
         params = '[{"name": "unit", "type": "string"}]'

@@ -22,7 +22,7 @@ from tether.fleet.models import Agent
 from tether.fleet.services import offline_cutoff
 
 from . import output, states
-from .models import Command
+from .models import Command, CommandTemplate
 
 S = Command.Status
 
@@ -287,3 +287,20 @@ def mark_commands_lost_on_reregister(*, agent: Agent) -> int:
     for command_id in ids:
         wakeups.notify_on_commit(wakeups.command_key(command_id))
     return count
+
+
+def save_template(*, template: CommandTemplate, user: AbstractBaseUser) -> CommandTemplate:
+    """Create or change a command template, with its audit record (the API and the web UI
+    both come here)."""
+    created = template.pk is None
+    with transaction.atomic():
+        template.save()
+        action = "template.create" if created else "template.update"
+        audit(user=user, action=action, target=template, name=template.name)
+    return template
+
+
+def delete_template(*, template: CommandTemplate, user: AbstractBaseUser) -> None:
+    with transaction.atomic():
+        audit(user=user, action="template.delete", target=template, name=template.name)
+        template.delete()

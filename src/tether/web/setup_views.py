@@ -8,6 +8,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 from rest_framework import exceptions
 
 from tether.accounts.selectors import servers_visible_to, templates_visible_to
+from tether.commands.services import delete_template, save_template
 from tether.deploy import services as deploy_services
 from tether.deploy.services import public_url
 from tether.fleet import services as fleet_services
@@ -89,7 +90,7 @@ def server_delete(request: HttpRequest, server_id: int) -> HttpResponse:
 def templates(request: HttpRequest) -> HttpResponse:
     form = TemplateForm(request.POST or None, owner=request.user)
     if request.method == "POST" and form.is_valid():
-        template = form.save()
+        template = save_template(template=form.save(commit=False), user=request.user)
         messages.success(request, f"Template {template.name} was created.")
         return redirect("web:templates")
     listing = templates_visible_to(request.user).order_by("name")
@@ -102,7 +103,7 @@ def template_edit(request: HttpRequest, template_id: int) -> HttpResponse:
     template = get_object_or_404(templates_visible_to(request.user), pk=template_id)
     form = TemplateForm(request.POST or None, instance=template, owner=request.user)
     if request.method == "POST" and form.is_valid():
-        form.save()
+        save_template(template=form.save(commit=False), user=request.user)
         messages.success(request, f"Template {template.name} was saved.")
         return redirect("web:templates")
     return render(request, "web/template_edit.html", {"template": template, "form": form})
@@ -112,6 +113,6 @@ def template_edit(request: HttpRequest, template_id: int) -> HttpResponse:
 @require_POST
 def template_delete(request: HttpRequest, template_id: int) -> HttpResponse:
     template = get_object_or_404(templates_visible_to(request.user), pk=template_id)
-    template.delete()
+    delete_template(template=template, user=request.user)
     messages.success(request, f"Template {template.name} was deleted.")
     return redirect("web:templates")

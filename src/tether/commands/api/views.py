@@ -36,4 +36,14 @@ class CommandTemplateViewSet(viewsets.ModelViewSet):
         return templates_visible_to(self.request.user)
 
     def perform_create(self, serializer: CommandTemplateSerializer) -> None:
-        serializer.save(owner=self.request.user)
+        template = CommandTemplate(owner=self.request.user, **serializer.validated_data)
+        serializer.instance = services.save_template(template=template, user=self.request.user)
+
+    def perform_update(self, serializer: CommandTemplateSerializer) -> None:
+        template = serializer.instance
+        for name, value in serializer.validated_data.items():
+            setattr(template, name, value)
+        services.save_template(template=template, user=self.request.user)
+
+    def perform_destroy(self, instance: CommandTemplate) -> None:
+        services.delete_template(template=instance, user=self.request.user)
