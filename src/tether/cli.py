@@ -119,6 +119,9 @@ def worker(argv: list[str]) -> int:
     from django.conf import settings
     from django.core.management import execute_from_command_line
 
+    from tether.deploy.ssh import remove_stale_run_dirs
+
+    remove_stale_run_dirs()
     interval = str(settings.WORKER_INTERVAL)
     execute_from_command_line(
         ["tether", "db_worker", "--queue-name", "*", "--interval", interval, *argv]

@@ -54,6 +54,10 @@ def _wake_all(**_: object) -> None:
 
 def start_worker_threads(count: int) -> list[WorkerThread]:
     """Start `count` workers on daemon threads; signals stay with the server."""
+    if count:
+        from tether.deploy.ssh import remove_stale_run_dirs
+
+        remove_stale_run_dirs()
     threads = [WorkerThread(number) for number in range(count)]
     _threads.extend(threads)
     if threads:

@@ -496,3 +496,24 @@ class AsDataTestCase(SimpleTestCase):
                 "none": None,
             },
         )
+
+
+class StaleRunDirsTestCase(BaseTestCase):
+    def test_dirs_of_ended_or_unknown_deployments_go_and_active_ones_stay(self) -> None:
+        data_dir = Path(tempfile.mkdtemp())
+        self.enterContext(override_settings(DATA_DIR=data_dir))
+        active = services.create_deployment(
+            server=self.server, agent=None, kind="install", method="ssh", user=self.alice
+        )
+        ended = services.create_deployment(
+            server=self.server, agent=self.agent, kind="upgrade", method="ssh", user=self.alice
+        )
+        services.finish_deployment(deployment=ended, status="failed")
+        for name in (str(active.pk), str(ended.pk), "999999"):
+            (data_dir / "deployments" / name).mkdir(parents=True)
+            (data_dir / "deployments" / name / "ssh_key").write_text("secret")
+
+        self.assertEqual(ssh.remove_stale_run_dirs(), 2)
+
+        left = sorted(p.name for p in (data_dir / "deployments").iterdir())
+        self.assertEqual(left, [str(active.pk)])

@@ -503,3 +503,23 @@ def _wait_online(deployment: Deployment, fail: Callable[[str], None]) -> None:
         f"the agent did not come online within {int(settings.DEPLOY_ONLINE_DEADLINE)} s "
         f"(see {deployment.server.agent_dir}/agent.log on the host)"
     )
+
+
+def remove_stale_run_dirs() -> int:
+    """Run directories of deployments that ended (or are gone) but were never removed: a
+    server stopped mid-run leaves one, with its key file. Workers call this when they start;
+    a run still active (perhaps in another worker process) is left alone."""
+    root = Path(settings.DATA_DIR) / "deployments"
+    if not root.is_dir():
+        return 0
+    named = {p.name: p for p in root.iterdir() if p.is_dir() and p.name.isdigit()}
+    active = set(
+        Deployment.objects.filter(pk__in=[int(n) for n in named])
+        .exclude(status__in=services.FINAL)
+        .values_list("pk", flat=True)
+    )
+    stale = [path for name, path in named.items() if int(name) not in active]
+    for path in stale:
+        _close_ssh_masters(path / "cp")
+        shutil.rmtree(path, ignore_errors=True)
+    return len(stale)
