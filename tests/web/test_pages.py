@@ -106,6 +106,13 @@ class AgentPageTestCase(WebTestCase):
         api = self.client.get(f"/api/agents/{self.bob_agent.pk}/")
         self.assertEqual(api.json()["error"]["code"], "not_found")
 
+    def test_a_template_id_that_is_not_a_number_shows_no_parameters(self) -> None:
+        url = f"/agents/{self.agent.pk}/template-params/?template=abc"
+
+        response = self.client.get(url)
+
+        self.assertEqual(response.status_code, 200)
+
     def test_it_answers_404_for_another_users_agent(self) -> None:
         bob_command = self.queue("id", agent=self.bob_agent)
         for url in (
@@ -197,6 +204,16 @@ class ServersPageTestCase(WebTestCase):
         token = response.content.decode().split("--server-token ")[1].split()[0]
         self.assertEqual(fleet_services.server_for_token(token), server)
         self.assertNotContains(self.client.get("/servers/"), token)
+        self.assertIn("no-store", response["Cache-Control"])  # not from the back button
+
+    def test_a_refused_form_does_not_send_the_private_key_back(self) -> None:
+        key = "-----BEGIN OPENSSH PRIVATE KEY-----\nsecret-material\n"
+        form = {"name": "alice-web", "host": "10.0.0.9", "ssh_user": "root", "ssh_port": 22}
+
+        response = self.client.post("/servers/", {**form, "ssh_private_key": key})
+
+        self.assertEqual(response.status_code, 200)  # the name is taken
+        self.assertNotContains(response, "secret-material")
 
     def test_it_explains_why_an_install_cannot_start(self) -> None:
         response = self.client.post(f"/servers/{self.server.pk}/install/", follow=True)

@@ -111,6 +111,14 @@ class TemplateForm(forms.ModelForm):
         return template
 
 
+class SecretTextarea(forms.Textarea):
+    """Never renders what was typed: a form shown again with errors does not send the
+    private key back to the browser (the operator pastes it again)."""
+
+    def format_value(self, value: Any) -> None:
+        return None
+
+
 class ServerForm(forms.Form):
     name = forms.CharField(max_length=200)
     host = forms.CharField(max_length=255)
@@ -120,6 +128,6 @@ class ServerForm(forms.Form):
         required=False,
         strip=False,
         label="SSH private key",
-        widget=forms.Textarea(attrs={"rows": 3, "autocomplete": "off"}),
+        widget=SecretTextarea(attrs={"rows": 3, "autocomplete": "off"}),
         help_text="Optional: lets Tether install and start the agent over SSH. Stored encrypted.",
     )

@@ -4,6 +4,7 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils.cache import add_never_cache_headers
 from django.views.decorators.http import require_http_methods, require_POST
 from rest_framework import exceptions
 
@@ -31,7 +32,9 @@ def _token_page(request: HttpRequest, server: Server, token: str) -> HttpRespons
         "token": token,
         "command_line": _agent_command_line(request, token),
     }
-    return render(request, "web/server_token.html", context)
+    response = render(request, "web/server_token.html", context)
+    add_never_cache_headers(response)  # shown once: not from the back button's cache either
+    return response
 
 
 @login_required

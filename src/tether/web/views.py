@@ -129,8 +129,11 @@ def _history(agent: Agent) -> QuerySet:
 def template_params(request: HttpRequest, agent_id: int) -> HttpResponse:
     """The parameter inputs of the chosen template, swapped into the command form."""
     get_object_or_404(agents_visible_to(request.user), pk=agent_id)
-    template = templates_visible_to(request.user).filter(pk=request.GET.get("template") or 0)
-    return render(request, "web/_template_params.html", {"template": template.first()})
+    chosen = request.GET.get("template", "")
+    template = None
+    if chosen.isdigit():
+        template = templates_visible_to(request.user).filter(pk=int(chosen)).first()
+    return render(request, "web/_template_params.html", {"template": template})
 
 
 @login_required

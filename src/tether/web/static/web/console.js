@@ -20,12 +20,34 @@
     return ((Date.parse(end) - Date.parse(start)) / 1000).toFixed(1) + " s";
   }
 
+  // The streams start from the beginning on every connection, and EventSource reconnects by
+  // itself (network drop, server restart): a reconnect clears what the page shows, so nothing
+  // appears twice. The source is kept on its element and closed when htmx removes it.
+  function follow(root) {
+    var source = new EventSource(root.dataset.stream);
+    var opened = false;
+    source.addEventListener("open", function () {
+      if (opened) {
+        var shown = field(root, "output") || field(root, "log");
+        if (shown) shown.textContent = "";
+      }
+      opened = true;
+    });
+    root.eventSource = source;
+    return source;
+  }
+
+  document.addEventListener("htmx:beforeCleanupElement", function (event) {
+    var source = event.target.eventSource;
+    if (source) source.close();
+  });
+
   function followCommand(root) {
     if (root.dataset.started || root.hasAttribute("data-final")) return;
     root.dataset.started = "1";
     var output = field(root, "output");
     var cancel = root.querySelector("[data-cancel]");
-    var source = new EventSource(root.dataset.stream);
+    var source = follow(root);
     source.addEventListener("output", function (message) {
       var chunk = JSON.parse(message.data);
       var span = document.createElement("span");
@@ -63,7 +85,7 @@
     if (FINAL.indexOf(badge.textContent.trim()) >= 0) return;
     root.dataset.started = "1";
     var log = field(root, "log");
-    var source = new EventSource(root.dataset.stream);
+    var source = follow(root);
     source.addEventListener("log", function (message) {
       var part = JSON.parse(message.data);
       if (part.offset === 0) log.textContent = "";
