@@ -29,3 +29,5 @@ test: $(STAMP) lint
 bench: $(STAMP)
 	$(BIN)/python bench/dispatch.py
 	$(BIN)/python bench/held_polls.py
+	$(BIN)/python bench/check_status.py
+	$(BIN)/python bench/fleet_page.py
