@@ -1,7 +1,7 @@
 """Deployment lifecycle: create, append to the log, finish, cancel. One transaction each."""
 
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -15,7 +15,7 @@ from tether.commands import states
 from tether.errors import Conflict
 from tether.fleet import credentials
 from tether.fleet.models import Agent, Server
-from tether.fleet.services import offline_cutoff
+from tether.fleet.services import heartbeat_is_fresh
 
 from .models import Deployment
 
@@ -38,6 +38,8 @@ def create_deployment(
     method: str,
     user: AbstractBaseUser | None,
     target_version: str = "",
+    server_url: str = "",
+    deadline: datetime | None = None,
 ) -> Deployment:
     with transaction.atomic():
         deployment = Deployment.objects.create(
@@ -47,6 +49,8 @@ def create_deployment(
             method=method,
             target_version=target_version,
             created_by=user,
+            server_url=server_url,
+            deadline=deadline,
         )
         audit(user=user, action=f"deployment.{kind}", target=deployment, method=method)
     return deployment
@@ -179,10 +183,8 @@ def record_enrolled_agent(deployment: Deployment, agent: Agent) -> None:
 
 
 def agent_is_online(agent: Agent) -> bool:
-    return (
-        agent.status in (Agent.Status.ONLINE, Agent.Status.UPGRADING)
-        and agent.last_heartbeat is not None
-        and agent.last_heartbeat >= offline_cutoff()
+    return agent.status in (Agent.Status.ONLINE, Agent.Status.UPGRADING) and heartbeat_is_fresh(
+        agent
     )
 
 
@@ -237,10 +239,8 @@ def request_deployment(
     """Start an install, upgrade, stop or start (one transaction): supersede what is active,
     choose the method (through the agent when it is online and can, over SSH otherwise), and
     hand the work to the agent (an internal command) or to a background worker (SSH)."""
-    from tether.commands.services import queue_command
-
     try:
-        return _request_deployment(kind, server, agent, user, server_url, queue_command)
+        return _request_deployment(kind, server, agent, user, server_url)
     except IntegrityError as exc:
         # Only when two requests for one agent raced past each other (PostgreSQL, no row
         # lock held yet): the database kept one; this one says so.
@@ -250,8 +250,10 @@ def request_deployment(
 
 
 def _request_deployment(
-    kind: str, server: Server, agent: Agent | None, user: Any, server_url: str, queue_command: Any
+    kind: str, server: Server, agent: Agent | None, user: Any, server_url: str
 ) -> Deployment:
+    from tether.commands.services import queue_command
+
     with transaction.atomic():
         if agent is not None:
             # Serialises concurrent requests for one agent (SQLite serialises all writers).
@@ -260,6 +262,14 @@ def _request_deployment(
         if method == M.SSH:
             _check_ssh_ready(server)
         _supersede(agent=agent, server=server, kind=kind, user=user)
+        # Through the agent, the agent swaps only once its running commands have ended: its
+        # command and the deployment both allow for the longest of them. Over SSH the deadline
+        # is set when a worker starts the run (ssh_run_started): a queue of installs must not
+        # use up the time of the ones at its end.
+        budget = 0.0
+        if method == M.AGENT:
+            assert agent is not None
+            budget = settings.DEPLOY_ONLINE_DEADLINE + _longest_running(agent)
         deployment = create_deployment(
             server=server,
             agent=agent,
@@ -267,15 +277,10 @@ def _request_deployment(
             method=method,
             user=user,
             target_version=agent_version() if kind in (K.INSTALL, K.UPGRADE) else "",
+            server_url=server_url,
+            deadline=timezone.now() + timedelta(seconds=budget) if budget else None,
         )
-        deployment.server_url = server_url
         if method == M.AGENT:
-            assert agent is not None
-            # The agent swaps only once its running commands have ended: its command and the
-            # deployment both allow for the longest of them.
-            budget = settings.DEPLOY_ONLINE_DEADLINE + _longest_running(agent)
-            deployment.deadline = timezone.now() + timedelta(seconds=budget)
-            deployment.save(update_fields=["server_url", "deadline"])
             verb = "upgrade to " + deployment.target_version if kind == K.UPGRADE else kind
             append_log(deployment_id=deployment.pk, text=f"asking the agent to {verb}")
             queue_command(
@@ -286,9 +291,6 @@ def _request_deployment(
                 deployment=deployment,
             )
         else:
-            # Its deadline is set when a worker starts it (ssh_run_started): a queue of
-            # installs must not use up the time of the ones at its end.
-            deployment.save(update_fields=["server_url"])
             transaction.on_commit(lambda: _enqueue_ssh(deployment.pk))
         if kind == K.UPGRADE and agent is not None:
             Agent.objects.filter(pk=agent.pk).update(status=Agent.Status.UPGRADING)
@@ -368,8 +370,7 @@ def _settle_agent_status(deployment: Deployment) -> None:
         return
     agent = Agent.objects.get(pk=deployment.agent_id)
     if agent.status == Agent.Status.UPGRADING:
-        fresh = agent.last_heartbeat is not None and agent.last_heartbeat >= offline_cutoff()
-        status = Agent.Status.ONLINE if fresh else Agent.Status.OFFLINE
+        status = Agent.Status.ONLINE if heartbeat_is_fresh(agent) else Agent.Status.OFFLINE
         Agent.objects.filter(pk=agent.pk, status=Agent.Status.UPGRADING).update(status=status)
 
 

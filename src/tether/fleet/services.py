@@ -206,6 +206,11 @@ def offline_cutoff(now: Any = None) -> Any:
     return (now or timezone.now()) - timedelta(seconds=3 * settings.HEARTBEAT_INTERVAL)
 
 
+def heartbeat_is_fresh(agent: Agent) -> bool:
+    """Heard from within the offline threshold: what the sweep would still call online."""
+    return agent.last_heartbeat is not None and agent.last_heartbeat >= offline_cutoff()
+
+
 def mark_offline_agents() -> int:
     """Agents silent for more than 3 heartbeat intervals are offline."""
     return Agent.objects.filter(
