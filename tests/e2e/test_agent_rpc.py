@@ -1,5 +1,6 @@
 """Pull-mode status checks and certificate rotation against a real agent's RPC endpoint."""
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -8,6 +9,7 @@ import signal
 import socket
 import ssl
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,8 +20,10 @@ from tests.conftest import AGENT, Api, Fleet, TetherServer, free_port, wait_for
 pytestmark = pytest.mark.e2e
 
 
-def presented_serial(port: int) -> str:
-    """The serial of the certificate the agent's RPC port presents right now."""
+@contextlib.contextmanager
+def tls_to(port: int) -> Iterator[ssl.SSLSocket]:
+    """A TLS connection to the agent's RPC port that accepts any certificate: the tests look
+    at what it presents and answers, not whether it verifies."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
@@ -27,6 +31,12 @@ def presented_serial(port: int) -> str:
         socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
         context.wrap_socket(raw) as tls,
     ):
+        yield tls
+
+
+def presented_serial(port: int) -> str:
+    """The serial of the certificate the agent's RPC port presents right now."""
+    with tls_to(port) as tls:
         der = tls.getpeercert(binary_form=True)
     return format(x509.load_der_x509_certificate(der).serial_number, "x")
 
@@ -151,13 +161,7 @@ def request_bytes(secret: str | None, path: str, skew: int = 0) -> bytes:
 
 def rpc_raw(port: int, request: bytes) -> bytes:
     """What the agent's RPC port answers to `request` (b"" if it hung up unanswered)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=5) as raw,
-        context.wrap_socket(raw) as tls,
-    ):
+    with tls_to(port) as tls:
         tls.sendall(request)
         answer = b""
         try:
