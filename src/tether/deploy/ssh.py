@@ -286,12 +286,7 @@ class CancelCheck:
     def __call__(self) -> bool:
         if not self.cancelled and time.monotonic() >= self.next_check:
             self.next_check = time.monotonic() + CANCEL_CHECK_INTERVAL
-            status = (
-                Deployment.objects.filter(pk=self.deployment_id)
-                .values_list("status", flat=True)
-                .first()
-            )
-            self.cancelled = status is None or status in services.FINAL
+            self.cancelled = _cancelled(self.deployment_id)
         return self.cancelled
 
 
