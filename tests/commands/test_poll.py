@@ -2,7 +2,9 @@
 
 import asyncio
 import time
+from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.test import AsyncClient, override_settings
@@ -104,19 +106,56 @@ class PollTestCase(BaseTestCase):
         self.assertEqual(response.json()["commands"], [])
         self.assertLess(time.monotonic() - started, 1)
 
-    @override_settings(POLL_RECHECK=0.05)
-    async def test_it_answers_as_soon_as_a_command_is_queued(self) -> None:
-        async def queue_soon() -> Command:
-            await asyncio.sleep(0.2)
-            return await self.aqueue()
+    async def open_poll(self, version: str = "9.9.9", wait: int = 10) -> asyncio.Task:
+        """Start a long-poll and return once it is waiting: it records the heartbeat (with
+        `version`) and claims in one database step, so once the agent row shows `version` the
+        poll has found nothing and waits for a wake-up."""
+        path = f"/api/agents/poll_commands/?wait={wait}&version={version}"
+        poll = asyncio.ensure_future(self.poll(path))
+        deadline = time.monotonic() + 5
+        while await sync_to_async(self.agent_version)() != version:
+            self.assertFalse(poll.done(), "the poll answered before it waited")
+            self.assertLess(time.monotonic(), deadline, "the poll did not start waiting")
+            await asyncio.sleep(0.01)
+        return poll
 
+    def agent_version(self) -> str:
+        return type(self.agent).objects.values_list("version", flat=True).get(pk=self.agent.pk)
+
+    def committed(self, change: Callable[[], Any]) -> Any:
+        """Make `change` and run its on-commit callbacks (the wake-ups) as a commit would;
+        TestCase itself never commits."""
+        with self.captureOnCommitCallbacks(execute=True):
+            return change()
+
+    # A re-check far beyond the poll's wait: only a wake-up can answer these polls in time.
+    @override_settings(POLL_RECHECK=60)
+    async def test_it_answers_as_soon_as_a_command_is_queued(self) -> None:
         started = time.monotonic()
-        response, command = await asyncio.gather(
-            self.poll("/api/agents/poll_commands/?wait=10"), queue_soon()
-        )
+        poll = await self.open_poll(wait=10)
+
+        command = await sync_to_async(self.committed)(lambda: self.queue(args=["a"]))
+        response = await poll
 
         self.assertLess(time.monotonic() - started, 5)
         self.assertEqual([c["id"] for c in response.json()["commands"]], [command.pk])
+
+    @override_settings(POLL_RECHECK=60)
+    async def test_it_answers_as_soon_as_a_delivered_command_is_cancelled(self) -> None:
+        command = await sync_to_async(self.delivered)()
+        started = time.monotonic()
+        poll = await self.open_poll(wait=10)
+
+        cancelled = await sync_to_async(self.committed)(
+            lambda: self.client.post(f"/api/commands/{command.pk}/cancel/")
+        )
+        response = await poll
+
+        self.assertEqual(cancelled.status_code, 202, cancelled.content)
+        self.assertLess(time.monotonic() - started, 5)
+        body = response.json()
+        self.assertEqual(body["cancel"], [command.pk])
+        self.assertEqual(body["commands"], [])
 
     async def test_the_older_paths_answer_alike(self) -> None:
         await self.aqueue("one")

@@ -23,12 +23,15 @@ def old_agent(directory: Path, version: str = "0.0.1") -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "main.py"
     source = AGENT.read_text()
-    assert '__version__ = "0.1.0"' in source or "__version__ = " in source
+    # The copy must really say `version`: the agent declares its version on one line of its own.
+    declared = [line for line in source.splitlines() if line.startswith("__version__ = ")]
+    assert declared == [f'__version__ = "{served_version()}"'], declared
     lines = [
-        f'__version__ = "{version}"' if line.startswith("__version__ = ") else line
+        f'__version__ = "{version}"\n' if line.startswith("__version__ = ") else line
         for line in source.splitlines(keepends=True)
     ]
     path.write_text("".join(lines))
+    assert f'\n__version__ = "{version}"\n' in path.read_text()
     return path
 
 
