@@ -63,9 +63,10 @@ INSTALLED_APPS = [
     "django_tasks_db",
     "tether.accounts",
     "tether.fleet",
+    # In layer order (docs/architecture.md): hooks are connected, and so called, in this order.
     "tether.commands",
-    "tether.deploy",
     "tether.pki",
+    "tether.deploy",
     "tether.web",
 ]
 

@@ -1,19 +1,21 @@
+"""The project's routes: each app's own, mounted in one place.
+
+Each app keeps its agent-facing routes in `agent_api.py` (mounted at /api/agents/) and its
+human API in `api/urls.py` (mounted at /api/); the web UI is mounted at / after them. Routes
+that act on an agent or a server (`/api/agents/{id}/send_command/`, `/api/servers/{id}/install/`)
+live with the app that does the acting, registered on the same prefix.
+"""
+
 from django.contrib import admin
 from django.db import connection
 from django.http import HttpRequest, JsonResponse
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView
 from rest_framework.authtoken.views import obtain_auth_token
-from rest_framework.routers import SimpleRouter
 
-from tether.commands import agent_api as command_agent_api
-from tether.commands.api.stream import command_stream
-from tether.commands.api.views import CommandTemplateViewSet, CommandViewSet
+from tether.commands import agent_api as commands_agent_api
 from tether.deploy import agent_api as deploy_agent_api
-from tether.deploy.api.views import DeploymentViewSet, deployment_stream
 from tether.fleet import agent_api as fleet_agent_api
-from tether.fleet.api.views import AgentViewSet, ServerViewSet
-from tether.pki import views as pki_views
 
 
 def healthz(request: HttpRequest) -> JsonResponse:
@@ -28,35 +30,17 @@ def healthz(request: HttpRequest) -> JsonResponse:
 
 # Agent-facing routes come first: `agents/register/` must not be read as an agent id.
 agent_urls = [
-    path("register/", fleet_agent_api.RegisterView.as_view()),
-    path("poll_commands/", fleet_agent_api.poll_commands),
-    path("poll/", fleet_agent_api.poll_commands),
-    path("command/", fleet_agent_api.deprecated_command_poll),
-    path("heartbeat/", fleet_agent_api.HeartbeatView.as_view()),
-    path("files/manifest.json/", fleet_agent_api.ManifestView.as_view()),
-    path("files/<str:filename>/", fleet_agent_api.agent_file),
+    *fleet_agent_api.urlpatterns,
+    *commands_agent_api.urlpatterns,
+    *deploy_agent_api.urlpatterns,
 ]
-for prefix in ("command", "commands"):
-    agent_urls += [
-        path(
-            f"{prefix}/<int:command_id>/progress/", command_agent_api.CommandProgressView.as_view()
-        ),
-        path(f"{prefix}/<int:command_id>/result/", command_agent_api.CommandResultView.as_view()),
-    ]
-for prefix in ("deployment", "deployments"):
-    agent_urls.append(
-        path(
-            f"{prefix}/<int:deployment_id>/progress/",
-            deploy_agent_api.DeploymentProgressView.as_view(),
-        )
-    )
 
-router = SimpleRouter()
-router.register("agents/command-templates", CommandTemplateViewSet, basename="command-template")
-router.register("agents", AgentViewSet, basename="agent")
-router.register("servers", ServerViewSet, basename="server")
-router.register("commands", CommandViewSet, basename="command")
-router.register("deployments", DeploymentViewSet, basename="deployment")
+api_urls = [
+    path("", include("tether.fleet.api.urls")),
+    path("", include("tether.commands.api.urls")),
+    path("", include("tether.pki.api.urls")),
+    path("", include("tether.deploy.api.urls")),
+]
 
 urlpatterns = [
     path("healthz", healthz),
@@ -65,10 +49,7 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/auth/token/", obtain_auth_token),
     path("api/agents/", include(agent_urls)),
-    path("api/commands/<int:command_id>/stream/", command_stream),
-    path("api/deployments/<int:deployment_id>/stream/", deployment_stream),
-    path("api/agents/<int:agent_id>/check_status/", pki_views.check_status),
-    path("api/", include(router.urls)),
+    path("api/", include(api_urls)),
     path("", include("tether.web.urls")),
 ]
 

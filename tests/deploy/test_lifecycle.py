@@ -13,6 +13,7 @@ from tether.deploy import services
 from tether.deploy.models import Deployment
 from tether.fleet import credentials
 from tether.fleet import services as fleet_services
+from tether.fleet.agent_files import agent_version
 from tether.fleet.models import Agent
 
 from ..base import BaseTestCase
@@ -58,7 +59,7 @@ class LifecycleTestCase(BaseTestCase):
         self.assertEqual(response.json()["method"], "agent")
         deployment = Deployment.objects.get(pk=response.json()["deployment_id"])
         self.assertEqual((deployment.kind, deployment.status), ("upgrade", "running"))
-        self.assertEqual(deployment.target_version, services.agent_version())
+        self.assertEqual(deployment.target_version, agent_version())
         self.assertIsNotNone(deployment.deadline)
         delivered = self.deliver()
         self.assertEqual([c.command for c in delivered], ["upgrade"])
@@ -77,11 +78,11 @@ class LifecycleTestCase(BaseTestCase):
         self.report(command, status="succeeded", exit_code=0)
         self.assertEqual(Deployment.objects.get(pk=deployment_id).status, "running")
 
-        fleet_services.record_heartbeat(agent=self.agent, version=services.agent_version())
+        fleet_services.record_heartbeat(agent=self.agent, version=agent_version())
 
         deployment = Deployment.objects.get(pk=deployment_id)
         self.assertEqual(deployment.status, "succeeded")
-        self.assertIn(f"agent online at version {services.agent_version()}", deployment.log)
+        self.assertIn(f"agent online at version {agent_version()}", deployment.log)
         self.agent.refresh_from_db()
         self.assertEqual(self.agent.status, "online")
 
@@ -223,7 +224,7 @@ class LifecycleTestCase(BaseTestCase):
 
         deployment = Deployment.objects.get(pk=deployment_id)
         self.assertEqual(deployment.status, "failed")
-        self.assertIn(f"waited for the agent at version {services.agent_version()}", deployment.log)
+        self.assertIn(f"waited for the agent at version {agent_version()}", deployment.log)
         self.assertEqual(self.internal_command(deployment_id).status, "cancelled")
         self.agent.refresh_from_db()
         self.assertEqual(self.agent.status, "online")
@@ -237,7 +238,7 @@ class ManifestTestCase(BaseTestCase):
         body = response.json()
         manifest = body["manifest"]
         self.assertEqual(manifest["agent_id"], self.agent.pk)
-        self.assertEqual(manifest["version"], services.agent_version())
+        self.assertEqual(manifest["version"], agent_version())
         self.assertEqual(set(manifest["files"]), {"main.py", "requirements.txt"})
         secret = credentials.decrypt(self.agent.secret_key_encrypted)
         self.assertEqual(body["signature"], credentials.sign_document(secret, manifest))

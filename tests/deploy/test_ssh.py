@@ -16,7 +16,7 @@ import jinja2
 from django.test import SimpleTestCase, override_settings
 from django.utils import timezone
 
-from tether.deploy import services, ssh
+from tether.deploy import ansible_io, services, ssh
 from tether.deploy.models import Deployment
 from tether.fleet.credentials import encrypt
 from tether.fleet.models import Agent, Server
@@ -50,8 +50,8 @@ class ExtraVarsTestCase(BaseTestCase):
             server=self.server, agent=None, kind="install", method="ssh", user=self.alice
         )
         services.finish_deployment(deployment=deployment, status="cancelled")  # one at a time
-        return ssh.build_extravars(
-            deployment=deployment, server=self.server, server_url=server_url, enrollment_token="t"
+        return ansible_io.build_extravars(
+            kind=deployment.kind, server=self.server, server_url=server_url, enrollment_token="t"
         )
 
     @override_settings(SERVES_BUILTIN_TLS=True)
@@ -320,22 +320,24 @@ class SshDeploymentTestCase(BaseTestCase):
 class SshOptionsTestCase(SimpleTestCase):
     def test_first_use_accepts_and_records_a_new_key(self) -> None:
         args = shlex.split(
-            ssh.ssh_common_args(known_hosts=Path("/x y/kh"), host_keys_recorded=False)
+            ansible_io.ssh_common_args(known_hosts=Path("/x y/kh"), host_keys_recorded=False)
         )
 
         self.assertIn("UserKnownHostsFile=/x y/kh", args)
         self.assertIn("StrictHostKeyChecking=accept-new", args)
         self.assertIn("GlobalKnownHostsFile=/dev/null", args)
         self.assertIn("BatchMode=yes", args)
-        self.assertIn(f"ConnectTimeout={ssh.SSH_CONNECT_TIMEOUT}", args)
+        self.assertIn(f"ConnectTimeout={ansible_io.SSH_CONNECT_TIMEOUT}", args)
 
     def test_recorded_keys_are_the_only_ones_accepted(self) -> None:
-        args = shlex.split(ssh.ssh_common_args(known_hosts=Path("/kh"), host_keys_recorded=True))
+        args = shlex.split(
+            ansible_io.ssh_common_args(known_hosts=Path("/kh"), host_keys_recorded=True)
+        )
 
         self.assertIn("StrictHostKeyChecking=yes", args)
 
     def test_ansible_checks_host_keys_and_is_this_venvs(self) -> None:
-        env = ssh.ansible_env(Path("/work/d"))
+        env = ansible_io.ansible_env(Path("/work/d"))
 
         # ansible-runner would otherwise set it to False, and Ansible would then pass
         # StrictHostKeyChecking=no ahead of ours.
@@ -360,7 +362,7 @@ class EventLinesTestCase(SimpleTestCase):
         ]
         for event, lines in cases:
             with self.subTest(event=event["event"]):
-                self.assertEqual(ssh.event_lines(event), lines)
+                self.assertEqual(ansible_io.event_lines(event), lines)
 
     def test_a_failure_shows_its_message_and_output(self) -> None:
         event = {
@@ -369,7 +371,7 @@ class EventLinesTestCase(SimpleTestCase):
         }
 
         self.assertEqual(
-            ssh.event_lines(event), ["failed: [h]: non-zero return code", "  stderr: boom"]
+            ansible_io.event_lines(event), ["failed: [h]: non-zero return code", "  stderr: boom"]
         )
 
     def test_unreachable_keeps_only_what_ssh_said(self) -> None:
@@ -382,7 +384,7 @@ class EventLinesTestCase(SimpleTestCase):
         event = {"event": "runner_on_unreachable", "event_data": {"host": "h", "res": {"msg": msg}}}
 
         self.assertEqual(
-            ssh.event_lines(event),
+            ansible_io.event_lines(event),
             [
                 "unreachable: [h]: Host key for h has changed and you have requested strict "
                 "checking. Host key verification failed."
@@ -396,7 +398,7 @@ class EventLinesTestCase(SimpleTestCase):
         }
 
         self.assertEqual(
-            ssh.event_lines(event), ["PLAY RECAP ok=5 changed=2 unreachable=0 failed=1"]
+            ansible_io.event_lines(event), ["PLAY RECAP ok=5 changed=2 unreachable=0 failed=1"]
         )
 
 
@@ -404,7 +406,7 @@ class FailureReasonTestCase(SimpleTestCase):
     server = Server(pk=7, host="db.example", ssh_user="deploy", ssh_port=2222)
 
     def test_a_changed_host_key_says_so_and_how_to_reset_it(self) -> None:
-        reason = ssh.failure_reason(
+        reason = ansible_io.failure_reason(
             "runner_on_unreachable", "...\nHost key verification failed.\n", self.server
         )
 
@@ -413,7 +415,7 @@ class FailureReasonTestCase(SimpleTestCase):
         self.assertIn("/api/servers/7/forget_host_key/", reason)
 
     def test_an_unreachable_host_names_the_address(self) -> None:
-        reason = ssh.failure_reason(
+        reason = ansible_io.failure_reason(
             "runner_on_unreachable",
             "ssh: connect to host db.example port 2222: Connection refused",
             self.server,
@@ -426,7 +428,7 @@ class FailureReasonTestCase(SimpleTestCase):
         )
 
     def test_a_refused_key_is_an_authentication_failure(self) -> None:
-        reason = ssh.failure_reason(
+        reason = ansible_io.failure_reason(
             "runner_on_unreachable",
             "deploy@db.example: Permission denied (publickey).",
             self.server,
@@ -453,7 +455,7 @@ class PlaybookTestCase(SimpleTestCase):
             capture_output=True,
             text=True,
             timeout=60,
-            env={**os.environ, **ssh.ansible_env(Path(tempfile.mkdtemp()))},
+            env={**os.environ, **ansible_io.ansible_env(Path(tempfile.mkdtemp()))},
         )
 
         self.assertEqual(result.returncode, 0, result.stdout + result.stderr)
@@ -488,7 +490,7 @@ class AsDataTestCase(SimpleTestCase):
         value = {"a": "{{ x }}", "n": 22, "list": ["s", 1, {"b": "t"}], "none": None}
 
         self.assertEqual(
-            ssh.as_data(value),
+            ansible_io.as_data(value),
             {
                 "a": {"__ansible_unsafe": "{{ x }}"},
                 "n": 22,

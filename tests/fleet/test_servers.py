@@ -2,7 +2,7 @@
 
 from tether.accounts.models import AuditEvent
 from tether.fleet import credentials
-from tether.fleet.models import Server
+from tether.fleet.models import Agent, Server
 
 from ..base import BaseTestCase
 
@@ -148,6 +148,24 @@ class ServerDetailTestCase(BaseTestCase):
         self.assertEqual(self.server.ssh_user, "deploy")
         self.assertEqual(self.server.tags, ["web"])
         self.assertTrue(AuditEvent.objects.filter(action="server.update").exists())
+        body = response.json()
+        self.assertEqual((body["ssh_user"], body["tags"]), ("deploy", ["web"]))
+        self.assertEqual((self.server.name, self.server.host), ("alice-web", "10.0.0.1"))
+
+    def test_it_audits_an_update_with_the_fields_it_changed(self) -> None:
+        self.patch_json(self.url, {"ssh_user": "deploy", "tags": ["web"]})
+
+        event = AuditEvent.objects.get(action="server.update")
+        self.assertEqual((event.target_type, event.target_id), ("server", str(self.server.pk)))
+        self.assertEqual(event.user, self.alice)
+        self.assertEqual(event.details["fields"], ["ssh_user", "tags"])
+
+    def test_it_audits_a_new_ssh_key_by_name_never_by_value(self) -> None:
+        self.patch_json(self.url, {"ssh_private_key": KEY})
+
+        event = AuditEvent.objects.get(action="server.update")
+        self.assertEqual(event.details["fields"], ["ssh_private_key"])
+        self.assertNotIn(KEY.strip()[40:80], str(event.details))
 
     def test_it_keeps_its_own_name_on_update(self) -> None:
         response = self.patch_json(self.url, {"name": "alice-web"})
@@ -179,6 +197,18 @@ class ServerDetailTestCase(BaseTestCase):
         self.assertEqual(response.status_code, 204)
         self.assertFalse(Server.objects.filter(pk=self.server.pk).exists())
         self.assertTrue(AuditEvent.objects.filter(action="server.delete").exists())
+        self.assertFalse(Agent.objects.filter(pk=self.agent.pk).exists())
+        self.assertTrue(Server.objects.filter(pk=self.bob_server.pk).exists())
+        self.assertTrue(Agent.objects.filter(pk=self.bob_agent.pk).exists())
+        self.assertError(self.client.get(self.url), 404, "not_found")
+
+    def test_it_audits_a_delete(self) -> None:
+        self.client.delete(self.url)
+
+        event = AuditEvent.objects.get(action="server.delete")
+        self.assertEqual((event.target_type, event.target_id), ("server", str(self.server.pk)))
+        self.assertEqual(event.user, self.alice)
+        self.assertEqual(event.details["name"], "alice-web")
 
     def test_it_validates_ownership_on_get(self) -> None:
         self.assertError(self.client.get(self.bob_url), 404, "not_found")

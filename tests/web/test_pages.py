@@ -7,8 +7,9 @@ from tether.accounts.models import AuditEvent
 from tether.commands import services as command_services
 from tether.commands.models import Command, CommandTemplate
 from tether.commands.output import Chunk
+from tether.commands.reports import Result
 from tether.fleet import services as fleet_services
-from tether.fleet.models import Server
+from tether.fleet.models import Agent, Server
 
 from ..base import BaseTestCase, User
 
@@ -27,9 +28,7 @@ class WebTestCase(BaseTestCase):
         command_services.record_result(
             agent=self.agent,
             command_id=cmd.pk,
-            status="succeeded",
-            exit_code=0,
-            chunks=[Chunk("stdout", stdout, 0)],
+            result=Result(status="succeeded", exit_code=0, chunks=[Chunk("stdout", stdout, 0)]),
         )
         return cmd
 
@@ -80,6 +79,46 @@ class FleetPageTestCase(WebTestCase):
         self.assertContains(self.client.get("/fleet/rows/?q=web"), "web-1")
         self.assertNotContains(self.client.get("/fleet/rows/?q=nomatch"), "web-1")
         self.assertNotContains(self.client.get("/fleet/rows/?status=stopped"), "web-1")
+
+    def tagged_and_untagged(self) -> tuple[Agent, Agent]:
+        """Two more of Alice's agents: one tagged "db", one tagged otherwise (web-1 has none)."""
+        tagged = fleet_services.register_agent(server=self.server, hostname="tagged-host").agent
+        other = fleet_services.register_agent(server=self.server, hostname="other-host").agent
+        Agent.objects.filter(pk=tagged.pk).update(tags=["prod", "db"])
+        Agent.objects.filter(pk=other.pk).update(tags=["prod", "dbx"])
+        return tagged, other
+
+    def test_the_page_filters_by_tag(self) -> None:
+        tagged, other = self.tagged_and_untagged()
+
+        response = self.client.get("/?tag=db")
+
+        self.assertContains(response, f'data-agent="{tagged.pk}"')
+        self.assertContains(response, "tagged-host")
+        self.assertNotContains(response, f'data-agent="{other.pk}"')
+        self.assertNotContains(response, "other-host")
+        self.assertNotContains(response, f'data-agent="{self.agent.pk}"')
+
+    def test_the_fragment_filters_by_tag(self) -> None:
+        tagged, other = self.tagged_and_untagged()
+
+        response = self.client.get("/fleet/rows/?tag=db")
+
+        self.assertContains(response, f'data-agent="{tagged.pk}"')
+        self.assertContains(response, "tagged-host")
+        self.assertNotContains(response, f'data-agent="{other.pk}"')
+        self.assertNotContains(response, "other-host")
+        self.assertNotContains(response, f'data-agent="{self.agent.pk}"')
+
+    def test_the_tag_filter_shows_only_the_users_agents(self) -> None:
+        Agent.objects.filter(pk=self.bob_agent.pk).update(tags=["db"])
+        tagged, _ = self.tagged_and_untagged()
+
+        response = self.client.get("/fleet/rows/?tag=db")
+
+        self.assertContains(response, f'data-agent="{tagged.pk}"')
+        self.assertNotContains(response, f'data-agent="{self.bob_agent.pk}"')
+        self.assertNotContains(response, "db-1")
 
     def test_it_escapes_names(self) -> None:
         fleet_services.update_server(server=self.server, user=self.alice, name=XSS)
@@ -165,8 +204,28 @@ class AgentPageTestCase(WebTestCase):
         self.assertFalse(Command.objects.filter(agent=self.agent).exists())
 
     def test_its_status_fragment_is_the_users_only(self) -> None:
-        self.assertContains(self.client.get(f"/agents/{self.agent.pk}/status/"), "badge")
-        self.assertEqual(self.client.get(f"/agents/{self.bob_agent.pk}/status/").status_code, 404)
+        Agent.objects.filter(pk=self.agent.pk).update(status=Agent.Status.OFFLINE)
+        Agent.objects.filter(pk=self.bob_agent.pk).update(status=Agent.Status.ONLINE)
+
+        response = self.client.get(f"/agents/{self.agent.pk}/status/")
+
+        self.assertContains(response, "badge")
+        self.assertContains(response, '<span class="badge status-offline">offline</span>')
+        self.assertNotContains(response, "online")
+        bob = self.client.get(f"/agents/{self.bob_agent.pk}/status/")
+        self.assertEqual(bob.status_code, 404)
+        self.assertNotContains(bob, "online", status_code=404)
+
+    def test_its_status_fragment_follows_the_agent(self) -> None:
+        url = f"/agents/{self.agent.pk}/status/"
+        Agent.objects.filter(pk=self.agent.pk).update(status=Agent.Status.OFFLINE)
+        self.assertContains(self.client.get(url), 'status-offline">offline<')
+
+        Agent.objects.filter(pk=self.agent.pk).update(status=Agent.Status.STOPPED)
+
+        response = self.client.get(url)
+        self.assertContains(response, 'status-stopped">stopped<')
+        self.assertNotContains(response, "offline")
 
     def test_it_cancels_a_command(self) -> None:
         command = self.queue("sleep 300")

@@ -1,32 +1,16 @@
-"""Ownership in one place: what a user may see. Staff see everything."""
+"""The ownership rule, once: staff see everything, others what they own. Each app's
+`selectors.py` applies it to its own models, naming the path from the model to its owner."""
+
+from typing import TypeVar
 
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import QuerySet
+from django.db.models import Model, QuerySet
 
-from tether.commands.models import Command, CommandTemplate
-from tether.deploy.models import Deployment
-from tether.fleet.models import Agent, Server
+M = TypeVar("M", bound=Model)
 
 
-def servers_visible_to(user: AbstractBaseUser) -> QuerySet[Server]:
-    qs = Server.objects.all()
-    return qs if user.is_staff else qs.filter(owner=user)
-
-
-def agents_visible_to(user: AbstractBaseUser) -> QuerySet[Agent]:
-    qs = Agent.objects.select_related("server")
-    return qs if user.is_staff else qs.filter(server__owner=user)
-
-
-def commands_visible_to(user: AbstractBaseUser) -> QuerySet[Command]:
-    qs = Command.objects.select_related("agent", "created_by")
-    return qs if user.is_staff else qs.filter(agent__server__owner=user)
-
-
-def templates_visible_to(user: AbstractBaseUser) -> QuerySet[CommandTemplate]:
-    return CommandTemplate.objects.filter(owner=user)
-
-
-def deployments_visible_to(user: AbstractBaseUser) -> QuerySet[Deployment]:
-    qs = Deployment.objects.select_related("created_by")
-    return qs if user.is_staff else qs.filter(server__owner=user)
+def owned_by(user: AbstractBaseUser, queryset: QuerySet[M], owner: str) -> QuerySet[M]:
+    """`queryset` as `user` may see it: all of it for staff, else the rows whose `owner` path
+    (e.g. "agent__server__owner") is the user. Another user's object is then simply not
+    found (a 404), never a 403 that would confirm it exists."""
+    return queryset if user.is_staff else queryset.filter(**{owner: user})

@@ -1,19 +1,35 @@
-"""Agent-facing command endpoints: progress and result (both dialects)."""
+"""Agent-facing command endpoints: the long-poll that hands out commands, and progress and
+results (both dialects)."""
 
+import time
 from typing import Any
 
 from django.conf import settings
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.urls import path
+from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import exceptions, serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from tether.agent_views import AgentAPIView, RawText
+from tether import wakeups
+from tether.db import run_db
+from tether.errors import json_error
+from tether.fleet import services as fleet_services
+from tether.fleet.agent_views import (
+    AgentAPIView,
+    RawText,
+    agent_endpoint,
+    check_body_size,
+    error_response,
+    peer_address,
+)
+from tether.fleet.authentication import authenticate_agent
+from tether.fleet.models import Agent
 
-from . import output, services, states
+from . import reports, services, states
 from .models import Command
-
-S = Command.Status
 
 
 class ProgressInput(serializers.Serializer):
@@ -24,21 +40,6 @@ class ProgressInput(serializers.Serializer):
     encoding = serializers.ChoiceField(choices=["utf-8", "base64"], default="utf-8")
     started_at = serializers.FloatField(required=False, allow_null=True)
     append = serializers.BooleanField(default=True)
-
-    def chunks(self) -> list[output.Chunk]:
-        data = self.validated_data
-        chunks = []
-        for stream in output.STREAMS:
-            text = data.get(stream)
-            offset = data.get(f"offset_{stream}")
-            if text is None:
-                continue
-            try:
-                payload = output.decode_payload(text, data["encoding"])
-            except ValueError as exc:
-                raise exceptions.ValidationError({stream: [str(exc)]}) from exc
-            chunks.append(output.Chunk(stream=stream, data=payload, offset=offset))
-        return chunks
 
 
 class ResultInput(ProgressInput):
@@ -72,7 +73,7 @@ class CommandProgressView(AgentAPIView):
             answer = services.record_progress(
                 agent=self.get_agent(),
                 command_id=command_id,
-                chunks=data.chunks(),
+                chunks=reports.chunks_from_report(data.validated_data),
                 started_at=data.validated_data.get("started_at"),
             )
         except Command.DoesNotExist as exc:
@@ -87,38 +88,100 @@ class CommandResultView(AgentAPIView):
     def post(self, request: Request, command_id: int) -> Response:
         data = ResultInput(data=request.data)
         data.is_valid(raise_exception=True)
-        values = data.validated_data
-        exit_code = values.get("exit_code", values.get("return_code"))
-        error = values.get("error") or ""
-        sizes = {
-            stream: values[f"{stream}_size"]
-            for stream in output.STREAMS
-            if f"{stream}_size" in values
-        }
-        legacy = not sizes and all(values.get(f"offset_{s}") is None for s in output.STREAMS)
-        # The older dialect's final result (`append: false`) carries the whole output, which
-        # replaces what its offset-less progress calls stored: no doubled output. Its `error`
-        # is that output's stderr. A result without output replaces nothing.
-        replace = legacy and not values["append"] and values.get("stdout") is not None
-        error_as_stderr = legacy and bool(error) and values.get("stderr") is None
-        if replace and error_as_stderr:
-            values["stderr"] = error
-        chunks = data.chunks()
-        status = values.get("status") or (S.SUCCEEDED if values["success"] else S.FAILED)
         try:
             services.record_result(
                 agent=self.get_agent(),
                 command_id=command_id,
-                status=status,
-                exit_code=exit_code,
-                error=error,
-                chunks=chunks,
-                replace_output=replace,
-                error_as_stderr=error_as_stderr and not replace,
-                truncated=values["truncated"],
-                sizes=sizes,
-                started_at=values.get("started_at"),
+                result=reports.result_from_report(data.validated_data),
             )
         except Command.DoesNotExist as exc:
             raise exceptions.NotFound("No such command for this agent.") from exc
         return Response({"status": "ok"})
+
+
+# ---------------------------------------------------------------------------------------------
+# The long-poll
+# ---------------------------------------------------------------------------------------------
+
+
+def _poll_params(request: HttpRequest) -> tuple[float, str | None, int | None]:
+    try:
+        wait = float(request.GET.get("wait") or 0)
+        rpc_port = int(request.GET["rpc_port"]) if request.GET.get("rpc_port") else None
+    except ValueError as exc:
+        raise exceptions.ValidationError("wait and rpc_port must be numbers") from exc
+    if wait != wait or wait < 0:  # NaN or negative
+        raise exceptions.ValidationError("wait must be a number of seconds >= 0")
+    if rpc_port is not None and not 0 <= rpc_port <= 65535:
+        raise exceptions.ValidationError("rpc_port must be 0..65535")
+    wait = min(wait, fleet_services.effective_long_poll_timeout())
+    return wait, (request.GET.get("version") or None), rpc_port
+
+
+def _open_poll(
+    request: HttpRequest, waiter: wakeups.Waiter
+) -> tuple[Agent, float, services.Delivery]:
+    """Authenticate, subscribe to wake-ups, record the heartbeat and claim work: one trip
+    to the database thread. Subscribing before the claim means a command queued in between
+    still wakes the poll."""
+    check_body_size(request, settings.MAX_REQUEST_BYTES)
+    agent = authenticate_agent(request)
+    wait, version, rpc_port = _poll_params(request)
+    wakeups.register(wakeups.agent_key(agent.pk), waiter)
+    fleet_services.record_heartbeat(
+        agent=agent, version=version, rpc_port=rpc_port, address=peer_address(request)
+    )
+    return agent, wait, services.claim_commands(agent=agent)
+
+
+def _poll_answer(agent: Agent, delivery: services.Delivery) -> dict[str, Any]:
+    return {
+        "commands": [services.as_delivered(c) for c in delivery.commands],
+        "cancel": delivery.cancel,
+        "config": fleet_services.agent_config(agent),
+    }
+
+
+@agent_endpoint
+@csrf_exempt
+async def poll_commands(request: HttpRequest) -> HttpResponse:
+    """Long-poll: answer as soon as there is work (or a cancel) for this agent, else after
+    `wait` seconds. Every poll is a heartbeat."""
+    if request.method not in ("GET", "POST"):
+        return json_error("method_not_allowed", f"Method {request.method} not allowed.", 405)
+    with wakeups.subscribe() as waiter:
+        try:
+            agent, wait, delivery = await run_db(_open_poll, request, waiter)
+        except exceptions.APIException as exc:
+            return error_response(exc)
+        deadline = time.monotonic() + wait
+        while not (delivery.commands or delivery.cancel):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            await waiter.wait(min(remaining, settings.POLL_RECHECK))
+            delivery = await run_db(services.claim_commands, agent=agent)
+    return JsonResponse(_poll_answer(agent, delivery))
+
+
+@agent_endpoint
+@csrf_exempt
+async def deprecated_command_poll(request: HttpRequest) -> HttpResponse:
+    """`POST /api/agents/command/`: the original poll path, kept with a Deprecation header."""
+    response = await poll_commands(request)
+    response["Deprecation"] = "true"
+    response["Link"] = '</api/agents/poll_commands/>; rel="successor-version"'
+    return response
+
+
+# Mounted at /api/agents/ (tether.urls); the older dialect's paths beside Tether's.
+urlpatterns = [
+    path("poll_commands/", poll_commands),
+    path("poll/", poll_commands),
+    path("command/", deprecated_command_poll),
+]
+for prefix in ("command", "commands"):
+    urlpatterns += [
+        path(f"{prefix}/<int:command_id>/progress/", CommandProgressView.as_view()),
+        path(f"{prefix}/<int:command_id>/result/", CommandResultView.as_view()),
+    ]

@@ -13,6 +13,7 @@ from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
+from rest_framework import exceptions
 
 from tether import wakeups
 from tether.accounts.services import audit
@@ -21,8 +22,9 @@ from tether.fleet import credentials
 from tether.fleet.models import Agent
 from tether.fleet.services import offline_cutoff
 
-from . import output, states
+from . import command_templates, hooks, output, states
 from .models import Command, CommandTemplate
+from .reports import Result
 
 S = Command.Status
 
@@ -38,7 +40,9 @@ def queue_command(
     deployment: Any = None,
     payload_encrypted: str = "",
 ) -> Command:
-    """Queue a command; the agent's long-poll wakes as soon as the row is committed."""
+    """Queue a command; the agent's long-poll wakes as soon as the row is committed. `kind`
+    internal is the server's own work for the agent (an upgrade, a certificate), which
+    `payload_encrypted` may carry and `deployment` may own."""
     with transaction.atomic():
         queued = Command.objects.create(
             agent=agent,
@@ -55,8 +59,35 @@ def queue_command(
     return queued
 
 
+def send_command(
+    *,
+    agent: Agent,
+    user: AbstractBaseUser,
+    command: str | None = None,
+    args: list[str] | None = None,
+    template: CommandTemplate | None = None,
+    params: dict[str, Any] | None = None,
+    timeout: int | None = None,
+) -> Command:
+    """An operator's command for one agent: a line, an argv, or a template with its values
+    (each shell-quoted by the template). The API and the web UI both come here; values that
+    do not fit the template are a 400 (`params`) and queue nothing."""
+    if template is not None:
+        try:
+            command = command_templates.render(template.command, template.parameters, params or {})
+        except command_templates.TemplateError as exc:
+            raise exceptions.ValidationError({"params": [str(exc)]}) from exc
+        args = None
+        timeout = timeout or template.timeout
+    if not command:
+        raise exceptions.ValidationError("Give either a command or a template.")
+    return queue_command(agent=agent, command=command, args=args, timeout=timeout, user=user)
+
+
 @dataclass
 class Delivery:
+    """What one poll hands an agent: commands to run and ids it must cancel."""
+
     commands: list[Command]
     cancel: list[int]
 
@@ -173,49 +204,31 @@ def record_progress(
     return {"offsets": output.ends(command), "cancel": command.cancel_requested}
 
 
-def record_result(
-    *,
-    agent: Agent,
-    command_id: int,
-    status: str,
-    exit_code: int | None,
-    error: str = "",
-    chunks: list[output.Chunk],
-    replace_output: bool = False,
-    sizes: dict[str, int] | None = None,
-    started_at: float | None = None,
-    error_as_stderr: bool = False,
-    truncated: bool = False,
-) -> None:
-    """Store the final result. Idempotent: a result for a finished command changes nothing.
-    `replace_output` is the older dialect's whole-output result; `error_as_stderr` its
-    failure text, which becomes the stderr when none was streamed; `sizes` lets the agent
-    prove every byte arrived (a shortfall answers offset_gap, nothing is stored)."""
+def record_result(*, agent: Agent, command_id: int, result: Result) -> None:
+    """Store the final result (see reports.Result for the older dialect's forms). Idempotent:
+    a result for a finished command changes nothing. `result.sizes` lets the agent prove
+    every byte arrived (a shortfall answers offset_gap, nothing is stored). The apps above
+    hear of it (command_finished) in the same transaction."""
     with transaction.atomic():
         command = _locked_command(agent=agent, command_id=command_id)
-        if not states.takes_agent_reports(command.status) or command.status == status:
+        if not states.takes_agent_reports(command.status) or command.status == result.status:
             return
-        if replace_output:
+        chunks = result.chunks
+        if result.replace_output:
             output.discard_output(command)
-        if error_as_stderr and command.stderr_end == 0:
-            chunks = [*chunks, output.Chunk(stream="stderr", data=error.encode(), offset=None)]
+        if result.error_as_stderr and command.stderr_end == 0:
+            error_chunk = output.Chunk(stream="stderr", data=result.error.encode(), offset=None)
+            chunks = [*chunks, error_chunk]
         output.apply_chunks(command, chunks)
-        for stream, size in (sizes or {}).items():
+        for stream, size in result.sizes.items():
             if getattr(command, f"{stream}_end") < size:
                 raise output.gap(command, stream)
-        command.truncated = command.truncated or truncated
-        _mark_running(command, started_at)
-        _finish(command, status, exit_code=exit_code, error=error)
+        command.truncated = command.truncated or result.truncated
+        _mark_running(command, result.started_at)
+        _finish(command, result.status, exit_code=result.exit_code, error=result.error)
         command.save()
         wakeups.notify_on_commit(wakeups.command_key(command.pk))
-        if command.deployment_id is not None:
-            from tether.deploy.services import internal_command_finished
-
-            internal_command_finished(command)
-        elif command.kind == Command.Kind.INTERNAL and command.command == "update_certificate":
-            from tether.pki.services import certificate_installed
-
-            certificate_installed(command)
+        hooks.command_finished.send(command=command)
 
 
 def _finish(
@@ -278,9 +291,12 @@ def _mark_lost(commands: Any, reason: str) -> int:
     )
 
 
-def mark_commands_lost_on_reregister(*, agent: Agent) -> int:
+def mark_commands_lost_on_reregister(*, agent: Agent, replaced: bool = True) -> int:
     """An agent that registers again has lost its state: what it was running will not be
-    reported under its old identity. A report that comes later still wins."""
+    reported under its old identity. A report that comes later still wins. (Connected to
+    fleet's agent_registered; a first registration has nothing to lose.)"""
+    if not replaced:
+        return 0
     active = Command.objects.filter(agent=agent, status__in=states.ACTIVE)
     ids = list(active.values_list("id", flat=True))
     count = _mark_lost(active, "the agent registered again while the command was active")
@@ -301,6 +317,7 @@ def save_template(*, template: CommandTemplate, user: AbstractBaseUser) -> Comma
 
 
 def delete_template(*, template: CommandTemplate, user: AbstractBaseUser) -> None:
+    """Delete a command template, with its audit record."""
     with transaction.atomic():
         audit(user=user, action="template.delete", target=template, name=template.name)
         template.delete()

@@ -1,11 +1,12 @@
 """Agent-facing deployment endpoint: the agent appends to its own deployment's log."""
 
+from django.urls import path
 from drf_spectacular.utils import extend_schema
 from rest_framework import exceptions, serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from tether.agent_views import AgentAPIView, RawText
+from tether.fleet.agent_views import AgentAPIView, RawText
 
 from . import services
 from .models import Deployment
@@ -14,7 +15,7 @@ from .models import Deployment
 class DeploymentLogInput(serializers.Serializer):
     log = RawText()
     # An agent may end its own deployment as failed (a rolled-back upgrade), never succeed it.
-    status = serializers.ChoiceField(choices=["failed"], required=False)
+    status = serializers.ChoiceField(choices=[Deployment.Status.FAILED], required=False)
 
 
 class DeploymentProgressView(AgentAPIView):
@@ -34,3 +35,10 @@ class DeploymentProgressView(AgentAPIView):
             )
         # The agent learns here that its deployment was cancelled.
         return Response({"status": "ok", "deployment_status": deployment.status})
+
+
+# Mounted at /api/agents/ (tether.urls); the older dialect's path beside Tether's.
+urlpatterns = [
+    path(f"{prefix}/<int:deployment_id>/progress/", DeploymentProgressView.as_view())
+    for prefix in ("deployment", "deployments")
+]

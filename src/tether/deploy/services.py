@@ -1,6 +1,8 @@
-"""Deployment lifecycle: create, append to the log, finish, cancel. One transaction each."""
+"""Deployments: create, append to the log, finish, cancel; the enrollment token of an SSH
+install; what an agent's own reports mean for its deployment. One transaction each.
 
-import re
+Requests to install, upgrade, stop or start are `lifecycle.py`; the SSH run is `ssh.py`."""
+
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -12,10 +14,13 @@ from django.utils import timezone
 from tether import wakeups
 from tether.accounts.services import audit
 from tether.commands import states
+from tether.commands.models import Command
+from tether.commands.output import output_text
+from tether.commands.services import cancel_command
 from tether.errors import Conflict
 from tether.fleet import credentials
 from tether.fleet.models import Agent, Server
-from tether.fleet.services import heartbeat_is_fresh
+from tether.fleet.services import Enrollment, heartbeat_is_fresh
 
 from .models import Deployment
 
@@ -23,10 +28,12 @@ S = Deployment.Status
 K = Deployment.Kind
 M = Deployment.Method
 FINAL = frozenset({S.SUCCEEDED, S.FAILED, S.CANCELLED})
+ACTIVE = (S.QUEUED, S.RUNNING)
 TRUNCATION_MARK = "\n[log truncated: TETHER_MAX_DEPLOYMENT_LOG_BYTES reached]\n"
 
 
 def deployment_key(deployment_id: int) -> str:
+    """The wake-up key of a deployment's live log."""
     return f"deployment:{deployment_id}"
 
 
@@ -41,6 +48,8 @@ def create_deployment(
     server_url: str = "",
     deadline: datetime | None = None,
 ) -> Deployment:
+    """Record a deployment and its audit line; the caller hands the work to the agent or to a
+    worker."""
     with transaction.atomic():
         deployment = Deployment.objects.create(
             server=server,
@@ -107,9 +116,6 @@ def end_deployment(
 ) -> Deployment:
     """End a deployment and cancel the internal commands still carrying it out, so that an
     agent does not go on to stop or swap itself for a deployment that is over."""
-    from tether.commands.models import Command
-    from tether.commands.services import cancel_command
-
     with transaction.atomic():
         done = finish_deployment(deployment=deployment, status=status, line=line)
         for command in Command.objects.filter(deployment=done).exclude(status__in=states.FINAL):
@@ -130,20 +136,8 @@ def cancel_deployment(*, deployment: Deployment, user: AbstractBaseUser | None) 
 
 
 # ---------------------------------------------------------------------------------------------
-# Lifecycle requests: upgrade, stop, start, install
+# Enrollment: the one-time registration token an SSH install hands its agent
 # ---------------------------------------------------------------------------------------------
-
-ACTIVE = (S.QUEUED, S.RUNNING)
-VERSION_LINE = re.compile(rb"""^__version__\s*=\s*["']([^"']+)["']""", re.MULTILINE)
-
-
-def agent_version() -> str:
-    """The version of the agent file this server hands out (its `__version__` line)."""
-    try:
-        found = VERSION_LINE.search((settings.AGENT_DIR / "main.py").read_bytes())
-    except OSError:
-        return ""
-    return found.group(1).decode() if found else ""
 
 
 def public_url(deployment: Deployment | None = None) -> str:
@@ -170,6 +164,17 @@ def deployment_for_enrollment_token(token: str) -> Deployment | None:
     return active.first()
 
 
+def enrollment_for_token(*, token: str) -> Enrollment | None:
+    """Connected to fleet's enrollment_for_token: an install's token registers its agent on
+    the install's server, and the install learns which agent it brought up."""
+    deployment = deployment_for_enrollment_token(token)
+    if deployment is None:
+        return None
+    return Enrollment(
+        server=deployment.server, registered=lambda agent: record_enrolled_agent(deployment, agent)
+    )
+
+
 def record_enrolled_agent(deployment: Deployment, agent: Agent) -> None:
     """An install learns which agent it brought up: the one that registered with its token.
     Left unrecorded if that agent is busy with another deployment (the database allows one)."""
@@ -182,33 +187,9 @@ def record_enrolled_agent(deployment: Deployment, agent: Agent) -> None:
         pass
 
 
-def agent_is_online(agent: Agent) -> bool:
-    return agent.status in (Agent.Status.ONLINE, Agent.Status.UPGRADING) and heartbeat_is_fresh(
-        agent
-    )
-
-
-def _check_ssh_ready(server: Server) -> None:
-    if not server.ssh_private_key_encrypted:
-        raise Conflict(
-            f"server {server.name!r} has no SSH private key: set ssh_private_key first",
-            code="no_ssh_credentials",
-        )
-
-
-def _supersede(*, agent: Agent | None, server: Server, kind: str, user: Any) -> None:
-    """The latest request wins: an agent's (or, for installs, a server's) active deployment is
-    cancelled before a new one starts, and so is the internal command carrying it out."""
-    active = Deployment.objects.select_for_update().filter(status__in=ACTIVE)
-    active = active.filter(agent=agent) if agent else active.filter(server=server, kind=kind)
-    who = getattr(user, "username", None) or "the server"
-    for old in active:
-        end_deployment(
-            deployment=old,
-            status=S.CANCELLED,
-            line=f"superseded by a new {kind} from {who}",
-            user=user,
-        )
+# ---------------------------------------------------------------------------------------------
+# What the agent's own reports mean for its deployment
+# ---------------------------------------------------------------------------------------------
 
 
 def ssh_run_started(deployment: Deployment) -> None:
@@ -220,108 +201,22 @@ def ssh_run_started(deployment: Deployment) -> None:
     deployment.deadline = deadline
 
 
-def _longest_running(agent: Agent) -> float:
-    """Seconds until the agent's active commands must have ended: an agent upgrades only once
-    they have, so its deadline starts after them."""
-    from tether.commands.models import Command
-
-    timeouts = (
-        Command.objects.filter(agent=agent)
-        .exclude(status__in=states.FINAL)
-        .values_list("timeout", flat=True)
-    )
-    return float(max(timeouts, default=0))
-
-
-def request_deployment(
-    *, kind: str, server: Server, agent: Agent | None, user: Any, server_url: str
-) -> Deployment:
-    """Start an install, upgrade, stop or start (one transaction): supersede what is active,
-    choose the method (through the agent when it is online and can, over SSH otherwise), and
-    hand the work to the agent (an internal command) or to a background worker (SSH)."""
-    try:
-        return _request_deployment(kind, server, agent, user, server_url)
-    except IntegrityError as exc:
-        # Only when two requests for one agent raced past each other (PostgreSQL, no row
-        # lock held yet): the database kept one; this one says so.
-        raise Conflict(
-            "another deployment of this agent started at the same moment", code="busy"
-        ) from exc
-
-
-def _request_deployment(
-    kind: str, server: Server, agent: Agent | None, user: Any, server_url: str
-) -> Deployment:
-    from tether.commands.services import queue_command
-
+def agent_stopped(deployment: Deployment) -> Deployment:
+    """A stop is done once the agent has stopped, whichever way it was asked (its own
+    acknowledgement, or the SSH run): the agent shows `stopped` and the deployment succeeds."""
     with transaction.atomic():
-        if agent is not None:
-            # Serialises concurrent requests for one agent (SQLite serialises all writers).
-            agent = Agent.objects.select_for_update().get(pk=agent.pk)
-        method = _choose_method(kind, agent)
-        if method == M.SSH:
-            _check_ssh_ready(server)
-        _supersede(agent=agent, server=server, kind=kind, user=user)
-        # Through the agent, the agent swaps only once its running commands have ended: its
-        # command and the deployment both allow for the longest of them. Over SSH the deadline
-        # is set when a worker starts the run (ssh_run_started): a queue of installs must not
-        # use up the time of the ones at its end.
-        budget = 0.0
-        if method == M.AGENT:
-            assert agent is not None
-            budget = settings.DEPLOY_ONLINE_DEADLINE + _longest_running(agent)
-        deployment = create_deployment(
-            server=server,
-            agent=agent,
-            kind=kind,
-            method=method,
-            user=user,
-            target_version=agent_version() if kind in (K.INSTALL, K.UPGRADE) else "",
-            server_url=server_url,
-            deadline=timezone.now() + timedelta(seconds=budget) if budget else None,
-        )
-        if method == M.AGENT:
-            verb = "upgrade to " + deployment.target_version if kind == K.UPGRADE else kind
-            append_log(deployment_id=deployment.pk, text=f"asking the agent to {verb}")
-            queue_command(
-                agent=agent,
-                command=kind,
-                kind="internal",
-                timeout=int(budget),
-                deployment=deployment,
-            )
-        else:
-            transaction.on_commit(lambda: _enqueue_ssh(deployment.pk))
-        if kind == K.UPGRADE and agent is not None:
-            Agent.objects.filter(pk=agent.pk).update(status=Agent.Status.UPGRADING)
-    return deployment
+        if deployment.agent_id is not None:
+            Agent.objects.filter(pk=deployment.agent_id).update(status=Agent.Status.STOPPED)
+        return finish_deployment(deployment=deployment, status=S.SUCCEEDED, line="agent stopped")
 
 
-def _choose_method(kind: str, agent: Agent | None) -> str:
-    if agent is None or kind in (K.INSTALL, K.START):
-        if kind == K.START and agent is not None and agent_is_online(agent):
-            raise Conflict("the agent is already online", code="already_online")
-        return M.SSH
-    # An agent of the original dialect cannot check a signed manifest or take internal
-    # commands: it is upgraded and stopped over SSH.
-    if agent_is_online(agent) and agent.signs_requests:
-        return M.AGENT
-    return M.SSH
-
-
-def _enqueue_ssh(deployment_id: int) -> None:
-    from .tasks import run_ssh_deployment_task
-
-    run_ssh_deployment_task.enqueue(deployment_id)
-
-
-def internal_command_finished(command: Any) -> None:
-    """An internal command carrying out a deployment ended (inside its transaction). Stop is
-    done when the agent acknowledges it; an upgrade when the agent is back at the new version
-    (see agent_reported_version); any failure of the command fails the deployment."""
-    from tether.commands.models import Command
-    from tether.commands.output import output_text
-
+def internal_command_finished(*, command: Command) -> None:
+    """Connected to commands' command_finished: an internal command carrying out a deployment
+    ended (inside its transaction). Stop is done when the agent acknowledges it; an upgrade
+    when the agent is back at the new version (see agent_reported_version); any failure of
+    the command fails the deployment."""
+    if command.deployment_id is None:
+        return
     deployment = Deployment.objects.select_for_update().get(pk=command.deployment_id)
     if deployment.status in FINAL:
         return
@@ -330,8 +225,7 @@ def internal_command_finished(command: Any) -> None:
         finish_deployment(deployment=deployment, status=S.FAILED, line=f"failed: {reason.strip()}")
         return
     if deployment.kind == K.STOP:
-        Agent.objects.filter(pk=command.agent_id).update(status=Agent.Status.STOPPED)
-        finish_deployment(deployment=deployment, status=S.SUCCEEDED, line="agent stopped")
+        agent_stopped(deployment)
     elif deployment.kind == K.UPGRADE and command.agent.version == deployment.target_version:
         finish_deployment(
             deployment=deployment,
@@ -348,6 +242,12 @@ def internal_command_finished(command: Any) -> None:
         )
         deadline = timezone.now() + timedelta(seconds=settings.DEPLOY_ONLINE_DEADLINE)
         Deployment.objects.filter(pk=deployment.pk).update(deadline=deadline)
+
+
+def agent_changed(*, agent: Agent, changed: set[str]) -> None:
+    """Connected to fleet's agent_changed: a new version may be what an upgrade waits for."""
+    if "version" in changed:
+        agent_reported_version(agent, agent.version)
 
 
 def agent_reported_version(agent: Agent, version: str) -> None:

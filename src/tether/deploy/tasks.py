@@ -5,6 +5,10 @@ import logging
 
 from django_tasks import task
 
+from . import services
+from .models import Deployment
+from .ssh import run_ssh_deployment
+
 log = logging.getLogger("tether.deploy")
 
 
@@ -12,10 +16,6 @@ log = logging.getLogger("tether.deploy")
 def run_ssh_deployment_task(deployment_id: int) -> None:
     """Run one SSH deployment. Whatever goes wrong ends the deployment `failed` with a line in
     its log, so an operator watching it is never left with one that runs forever."""
-    from . import services
-    from .models import Deployment
-    from .ssh import run_ssh_deployment
-
     try:
         run_ssh_deployment(deployment_id)
     except Exception as exc:

@@ -1,9 +1,10 @@
 """Shared plumbing for agent-facing views: the base class, body limits and error answers.
 
-Agent views live in `fleet/agent_api.py` and `commands/agent_api.py`, apart from the human
-API; both sides share services, never views.
+Each app's agent views live in its `agent_api.py`, apart from its human API; both sides
+share services, never views. The fleet owns agent authentication, so the base lives here.
 """
 
+import ipaddress
 from typing import Any
 
 from django.conf import settings
@@ -11,10 +12,13 @@ from django.http import HttpRequest, JsonResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import exceptions, serializers
+from rest_framework.throttling import BaseThrottle
 from rest_framework.views import APIView
 
 from tether.errors import PayloadTooLarge, exception_handler
-from tether.fleet.authentication import AgentTokenAuthentication, IsAgent
+
+from .authentication import AgentTokenAuthentication, IsAgent
+from .models import Agent
 
 
 def agent_endpoint(view: Any) -> Any:
@@ -22,6 +26,18 @@ def agent_endpoint(view: Any) -> Any:
     middleware stack."""
     view.agent_endpoint = True
     return view
+
+
+def peer_address(request: HttpRequest) -> str | None:
+    """The agent's address as the throttles see it (X-Forwarded-For only behind NUM_PROXIES
+    proxies): where the server reaches its RPC endpoint."""
+    address = BaseThrottle().get_ident(request)
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    # A scoped IPv6 address loses its scope in the database: not a usable RPC target.
+    return None if getattr(parsed, "scope_id", None) else str(parsed)
 
 
 def check_body_size(request: HttpRequest, limit: int) -> None:
@@ -54,7 +70,8 @@ class AgentAPIView(APIView):
         check_body_size(request, self.max_body)
         super().initial(request, *args, **kwargs)
 
-    def get_agent(self) -> Any:
+    def get_agent(self) -> Agent:
+        """The agent the request authenticated as."""
         return self.request.auth
 
 

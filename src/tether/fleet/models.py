@@ -1,5 +1,8 @@
 from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
+
+from .validators import validate_agent_dir, validate_host, validate_ssh_user
 
 
 class Server(models.Model):
@@ -10,14 +13,18 @@ class Server(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="servers"
     )
     name = models.CharField(max_length=200)
-    host = models.CharField(max_length=255)
-    ssh_user = models.CharField(max_length=64, default="root")
-    ssh_port = models.PositiveIntegerField(default=22)
+    host = models.CharField(max_length=255, validators=[validate_host])
+    ssh_user = models.CharField(max_length=64, default="root", validators=[validate_ssh_user])
+    ssh_port = models.PositiveIntegerField(
+        default=22, validators=[MinValueValidator(1), MaxValueValidator(65535)]
+    )
     ssh_private_key_encrypted = models.TextField(blank=True, default="")
     # known_hosts lines recorded the first time Tether reached the host over SSH; a host that
     # later shows another key is refused until an operator forgets the recorded one.
     ssh_known_hosts = models.TextField(blank=True, default="")
-    agent_dir = models.CharField(max_length=255, default="/opt/tether-agent")
+    agent_dir = models.CharField(
+        max_length=255, default="/opt/tether-agent", validators=[validate_agent_dir]
+    )
     tags = models.JSONField(default=list, blank=True)
     token_hash = models.CharField(max_length=64, unique=True)
     created_at = models.DateTimeField(auto_now_add=True)

@@ -1,5 +1,6 @@
 """Fleet state changes: servers, agent registration, heartbeats, offline marking."""
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -10,8 +11,9 @@ from django.db import transaction
 from django.utils import timezone
 
 from tether.accounts.services import audit
+from tether.errors import TetherError
 
-from . import credentials
+from . import credentials, hooks
 from .models import Agent, Server
 
 
@@ -58,18 +60,22 @@ def create_server(*, owner: AbstractBaseUser, **fields: Any) -> tuple[Server, st
 
 @transaction.atomic
 def update_server(*, server: Server, user: AbstractBaseUser, **fields: Any) -> Server:
+    """Change a server's fields (a new SSH key is encrypted; a blank one removes it). The
+    audit names every field changed, the key included, never a value of the key."""
+    changed = sorted(fields)
     if "ssh_private_key" in fields:
         key = fields.pop("ssh_private_key")
         server.ssh_private_key_encrypted = credentials.encrypt(key) if key else ""
     for name, value in fields.items():
         setattr(server, name, value)
     server.save()
-    audit(user=user, action="server.update", target=server, fields=sorted(fields))
+    audit(user=user, action="server.update", target=server, fields=changed)
     return server
 
 
 @transaction.atomic
 def forget_host_key(*, server: Server, user: AbstractBaseUser) -> Server:
+    """Drop the recorded SSH host keys: the next SSH run records the host's keys anew."""
     server.ssh_known_hosts = ""
     server.save(update_fields=["ssh_known_hosts"])
     audit(user=user, action="server.forget_host_key", target=server)
@@ -88,12 +94,14 @@ def rotate_server_token(*, server: Server, user: AbstractBaseUser) -> str:
 
 @transaction.atomic
 def delete_server(*, server: Server, user: AbstractBaseUser) -> None:
+    """Delete a server with its agents (and their commands and deployments)."""
     audit(user=user, action="server.delete", target=server, name=server.name)
     server.delete()
 
 
 @transaction.atomic
 def set_agent_tags(*, agent: Agent, tags: list[str] | None, user: AbstractBaseUser) -> Agent:
+    """Replace the agent's tags (None leaves them as they are)."""
     if tags is not None:
         agent.tags = tags
         agent.save(update_fields=["tags"])
@@ -108,8 +116,36 @@ class Registration:
     secret_key: str
 
 
+@dataclass
+class Enrollment:
+    """A registration token issued by a higher app (an SSH install's one-time token): the
+    server the agent joins, and what that app does once the agent has registered."""
+
+    server: Server
+    registered: Callable[[Agent], None]
+
+
 def server_for_token(server_token: str) -> Server | None:
+    """The server whose token this is (only hashes are stored, so the lookup is by hash)."""
     return Server.objects.filter(token_hash=credentials.hash_token(server_token)).first()
+
+
+@transaction.atomic
+def register_with_token(*, token: str, **fields: Any) -> Registration:
+    """Register with a server token or, failing that, a token a higher app issued (an SSH
+    install's): one transaction, so an install never records an agent that did not register.
+    An unknown token is a 401 and changes nothing."""
+    server = server_for_token(token)
+    enrollment: Enrollment | None = None
+    if server is None:
+        enrollment = hooks.enrollment_for_token.first(token=token)
+        server = enrollment.server if enrollment is not None else None
+    if server is None:
+        raise TetherError("Invalid server token.", code="authentication_failed", status_code=401)
+    registration = register_agent(server=server, **fields)
+    if enrollment is not None:
+        enrollment.registered(registration.agent)
+    return registration
 
 
 @transaction.atomic
@@ -125,7 +161,9 @@ def register_agent(
     address: str | None = None,
 ) -> Registration:
     """Create the agent for (server, hostname), or rotate its credentials if it exists:
-    registering again revokes the old token and secret at once."""
+    registering again revokes the old token and secret at once. The apps above hear of it
+    (agent_registered): what the old identity was running is lost, a new one gets a
+    certificate."""
     token = credentials.new_agent_token()
     secret_key = credentials.new_secret_key()
     now = timezone.now()
@@ -145,24 +183,36 @@ def register_agent(
             "status": Agent.Status.PENDING,
         },
     )
-    if not created:
-        from tether.commands.services import mark_commands_lost_on_reregister
-
-        mark_commands_lost_on_reregister(agent=agent)
-    # A registration is a new identity (the old state dir, and its certificate, may be gone).
-    _issue_certificate_if_needed(agent, fresh=True)
+    hooks.agent_registered.send(agent=agent, replaced=not created)
     return Registration(agent=agent, token=token, secret_key=secret_key)
+
+
+def registration_answer(registration: Registration) -> dict[str, Any]:
+    """What a registering agent is told: its credentials, its config, and what the apps above
+    add (registration_extras: the CA to pin, say)."""
+    agent = registration.agent
+    answer = {
+        "agent_id": agent.pk,
+        "server_id": agent.server_id,
+        "token": registration.token,
+        "secret_key": registration.secret_key,
+        "rpc_port": agent.rpc_port,
+        "config": agent_config(agent),
+        # The original system's agents read this; Tether's ignore it.
+        "heartbeat_mode": "push",
+    }
+    for extras in hooks.registration_extras.collect(agent=agent):
+        answer.update(extras)
+    return answer
 
 
 # Far below any offline threshold (3 x heartbeat interval), so skipping is always safe.
 HEARTBEAT_FRESHNESS = 1.0
-
-
-def _issue_certificate_if_needed(agent: Agent, fresh: bool = False) -> None:
-    from tether.pki.services import issue_certificate, needs_certificate
-
-    if needs_certificate(agent, fresh=fresh):
-        issue_certificate(agent=agent)
+# A sign of life (a poll, a heartbeat, an answered status check) brings these back online;
+# an agent that is upgrading stays so until its deployment ends.
+REVIVED_BY_SIGN_OF_LIFE = frozenset(
+    {Agent.Status.PENDING, Agent.Status.OFFLINE, Agent.Status.STOPPED}
+)
 
 
 def record_heartbeat(
@@ -172,11 +222,12 @@ def record_heartbeat(
     rpc_port: int | None = None,
     address: str | None = None,
 ) -> None:
-    """Mark the agent alive now: one UPDATE, skipped when nothing changes and the last
-    heartbeat is fresher than HEARTBEAT_FRESHNESS (a busy agent polls many times a second)."""
+    """Mark the agent alive now (every sign of life comes here): one UPDATE, skipped when
+    nothing changes and the last heartbeat is fresher than HEARTBEAT_FRESHNESS (a busy agent
+    polls many times a second). A new version or RPC port is told to the apps above."""
     now = timezone.now()
     fields: dict[str, Any] = {}
-    if agent.status in (Agent.Status.PENDING, Agent.Status.OFFLINE, Agent.Status.STOPPED):
+    if agent.status in REVIVED_BY_SIGN_OF_LIFE:
         fields["status"] = Agent.Status.ONLINE
     new_version = bool(version) and version != agent.version
     if new_version:
@@ -194,15 +245,13 @@ def record_heartbeat(
     Agent.objects.filter(pk=agent.pk).update(**fields)
     for name, value in fields.items():
         setattr(agent, name, value)
-    if new_version:
-        from tether.deploy.services import agent_reported_version
-
-        agent_reported_version(agent, version)
-    if "rpc_port" in fields:
-        _issue_certificate_if_needed(agent)
+    changed = set(fields) & {"version", "rpc_port", "address"}
+    if changed:
+        hooks.agent_changed.send(agent=agent, changed=changed)
 
 
 def offline_cutoff(now: Any = None) -> Any:
+    """Heartbeats older than this are an offline agent's (3 heartbeat intervals)."""
     return (now or timezone.now()) - timedelta(seconds=3 * settings.HEARTBEAT_INTERVAL)
 
 

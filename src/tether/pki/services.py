@@ -10,11 +10,16 @@ from django.db import transaction
 from django.utils import timezone
 
 from tether.accounts.services import audit
+from tether.commands.models import Command
+from tether.commands.services import cancel_command, queue_command
+from tether.errors import Conflict
 from tether.fleet import credentials
+from tether.fleet import services as fleet_services
 from tether.fleet.models import Agent
 
 from . import ca
 from .models import Certificate
+from .rpc import Target
 
 UPDATE_CERTIFICATE = "update_certificate"
 
@@ -32,9 +37,6 @@ def issue_certificate(*, agent: Agent, user: AbstractBaseUser | None = None) -> 
     """A new certificate for the agent's RPC endpoint, revoking its previous one at once, and
     the internal command that delivers it. One transaction: a certificate is never recorded
     without its delivery, nor an old one revoked without its successor."""
-    from tether.commands.models import Command
-    from tether.commands.services import cancel_command, queue_command
-
     issued = ca.issue(str(agent.pk), _names(agent), days=settings.AGENT_CERT_DAYS)
     with transaction.atomic():
         # Two issues at once (registration, sweep, API) must not both leave a valid one.
@@ -49,8 +51,10 @@ def issue_certificate(*, agent: Agent, user: AbstractBaseUser | None = None) -> 
             not_after=issued.certificate.not_valid_after_utc,
         )
         # An older delivery still waiting would install a revoked certificate.
-        waiting = Command.objects.filter(agent=agent, command=UPDATE_CERTIFICATE, kind="internal")
-        for command in waiting.filter(status__in=["queued", "delivered"]):
+        waiting = Command.objects.filter(
+            agent=agent, command=UPDATE_CERTIFICATE, kind=Command.Kind.INTERNAL
+        )
+        for command in waiting.filter(status__in=[Command.Status.QUEUED, Command.Status.DELIVERED]):
             cancel_command(command=command, user=user)
         payload = {
             "certificate": issued.cert_pem,
@@ -61,7 +65,7 @@ def issue_certificate(*, agent: Agent, user: AbstractBaseUser | None = None) -> 
         queue_command(
             agent=agent,
             command=UPDATE_CERTIFICATE,
-            kind="internal",
+            kind=Command.Kind.INTERNAL,
             timeout=60,
             user=user,
             payload_encrypted=credentials.encrypt(json.dumps(payload)),
@@ -70,19 +74,43 @@ def issue_certificate(*, agent: Agent, user: AbstractBaseUser | None = None) -> 
     return certificate
 
 
+def update_certificate(
+    *,
+    agent: Agent,
+    user: AbstractBaseUser | None,
+    regenerate: bool = False,
+    verify_ssl: bool | None = None,
+) -> None:
+    """An operator's change (API and web UI alike): `verify_ssl` set, and with `regenerate` a
+    new certificate issued and delivered. An agent of the original dialect has no RPC
+    endpoint to certify: 409 `legacy_agent`, and nothing changes."""
+    if regenerate and not agent.signs_requests:
+        raise Conflict(
+            "an agent of the original dialect has no RPC endpoint to certify",
+            code="legacy_agent",
+        )
+    with transaction.atomic():
+        if verify_ssl is not None:
+            set_verify_ssl(agent=agent, verify_ssl=verify_ssl, user=user)
+        if regenerate:
+            issue_certificate(agent=agent, user=user)
+
+
 def set_verify_ssl(*, agent: Agent, verify_ssl: bool, user: AbstractBaseUser | None) -> None:
+    """Whether the server verifies the agent's RPC certificate, and the agent the server's."""
     with transaction.atomic():
         Agent.objects.filter(pk=agent.pk).update(verify_ssl=verify_ssl)
         agent.verify_ssl = verify_ssl
         audit(user=user, action="agent.certificate.verify_ssl", target=agent, value=verify_ssl)
 
 
-def certificate_installed(command: Any) -> None:
-    """An update_certificate command ended. Its key leaves the database either way; if it was
-    the newest delivery and succeeded, the agent serves the current certificate (a late
-    success of an older, superseded delivery proves nothing about the current one)."""
-    from tether.commands.models import Command
-
+def certificate_installed(*, command: Command) -> None:
+    """Connected to commands' command_finished: an update_certificate command ended. Its key
+    leaves the database either way; if it was the newest delivery and succeeded, the agent
+    serves the current certificate (a late success of an older, superseded delivery proves
+    nothing about the current one)."""
+    if command.kind != Command.Kind.INTERNAL or command.command != UPDATE_CERTIFICATE:
+        return
     Command.objects.filter(pk=command.pk).update(payload_encrypted="")
     newest = (
         Command.objects.filter(agent_id=command.agent_id, command=UPDATE_CERTIFICATE)
@@ -90,7 +118,7 @@ def certificate_installed(command: Any) -> None:
         .values_list("pk", flat=True)
         .first()
     )
-    if command.status != "succeeded" or newest != command.pk:
+    if command.status != Command.Status.SUCCEEDED or newest != command.pk:
         return
     Certificate.objects.filter(
         agent_id=command.agent_id, revoked_at=None, installed_at=None
@@ -117,6 +145,26 @@ def needs_certificate(agent: Agent, fresh: bool = False) -> bool:
     return fresh or current_certificate(agent) is None
 
 
+def agent_registered(*, agent: Agent, replaced: bool) -> None:
+    """Connected to fleet's agent_registered: a registration is a new identity (the old state
+    dir, and its certificate, may be gone), so it gets a fresh certificate."""
+    if needs_certificate(agent, fresh=True):
+        issue_certificate(agent=agent)
+
+
+def agent_changed(*, agent: Agent, changed: set[str]) -> None:
+    """Connected to fleet's agent_changed: an agent that reports an RPC port for the first
+    time gets its certificate."""
+    if "rpc_port" in changed and needs_certificate(agent):
+        issue_certificate(agent=agent)
+
+
+def registration_extras(*, agent: Agent) -> dict[str, Any]:
+    """Connected to fleet's registration_extras: the CA a registering agent pins, when the
+    built-in CA vouches for this server (None otherwise)."""
+    return {"ca_certificate": ca.pin_for_agents()}
+
+
 def renew_expiring() -> int:
     """Re-issue certificates within CERT_RENEW_DAYS of expiry (the sweep calls this)."""
     soon = timezone.now() + timedelta(days=settings.CERT_RENEW_DAYS)
@@ -130,10 +178,8 @@ def renew_expiring() -> int:
     return count
 
 
-def rpc_target(agent: Agent) -> Any:
+def rpc_target(agent: Agent) -> Target | None:
     """How to call the agent's RPC endpoint, or None when it has none yet."""
-    from .rpc import Target
-
     certificate = current_certificate(agent)
     if not agent.rpc_port or not agent.address or certificate is None:
         return None
@@ -151,16 +197,12 @@ def rpc_target(agent: Agent) -> Any:
 
 
 def record_status_check(agent_id: int, answer: dict[str, Any]) -> str:
-    """An answer proves the agent alive (online, version); no answer changes nothing: a
-    fresh heartbeat still stands, and a stale one is the sweep's to judge."""
+    """An answer proves the agent alive (a sign of life, as a poll is); no answer changes
+    nothing: a fresh heartbeat still stands, and a stale one is the sweep's to judge."""
     agent = Agent.objects.filter(pk=agent_id).first()
     if agent is None:
         return "deleted"
     # Without verify_ssl anyone at that address could answer: report it, trust nothing.
     if answer["reachable"] and agent.verify_ssl:
-        fields: dict[str, Any] = {"last_heartbeat": timezone.now()}
-        if agent.status in (Agent.Status.PENDING, Agent.Status.OFFLINE, Agent.Status.STOPPED):
-            fields["status"] = Agent.Status.ONLINE
-        Agent.objects.filter(pk=agent_id).update(**fields)
-        return fields.get("status", agent.status)
+        fleet_services.record_heartbeat(agent=agent)
     return agent.status

@@ -8,10 +8,13 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.http import QueryDict
 
-from tether.accounts.selectors import templates_visible_to
 from tether.commands import command_templates
 from tether.commands.api.serializers import MAX_COMMAND_CHARS
 from tether.commands.models import CommandTemplate
+from tether.commands.selectors import templates_visible_to
+from tether.fleet.models import Server
+from tether.fleet.selectors import server_name_taken
+from tether.fleet.validators import NAME_TAKEN
 
 PARAM_PREFIX = "param_"
 
@@ -35,16 +38,6 @@ class RunCommandForm(forms.Form):
         if has_command == bool(data.get("template")):
             raise forms.ValidationError("Give either a command or a template.")
         return data
-
-    def rendered_line(self, values: dict[str, Any]) -> str | None:
-        """The template's command line with its values quoted; None (and a form error) when
-        the values do not fit the template."""
-        template = self.cleaned_data["template"]
-        try:
-            return command_templates.render(template.command, template.parameters, values)
-        except command_templates.TemplateError as exc:
-            self.add_error(None, str(exc))
-            return None
 
 
 def template_values(template: CommandTemplate, data: QueryDict) -> dict[str, Any]:
@@ -119,15 +112,29 @@ class SecretTextarea(forms.Textarea):
         return None
 
 
-class ServerForm(forms.Form):
-    name = forms.CharField(max_length=200)
-    host = forms.CharField(max_length=255)
-    ssh_user = forms.CharField(max_length=64, initial="root")
-    ssh_port = forms.IntegerField(min_value=1, max_value=65535, initial=22)
+class ServerForm(forms.ModelForm):
+    """A new server. Its fields are checked by the model's own validators (fleet.validators),
+    the same rules and messages as the API's."""
+
     ssh_private_key = forms.CharField(
         required=False,
         strip=False,
+        max_length=16384,
         label="SSH private key",
         widget=SecretTextarea(attrs={"rows": 3, "autocomplete": "off"}),
         help_text="Optional: lets Tether install and start the agent over SSH. Stored encrypted.",
     )
+
+    class Meta:
+        model = Server
+        fields = ["name", "host", "ssh_user", "ssh_port"]
+
+    def __init__(self, *args: Any, owner: AbstractBaseUser, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.owner = owner
+
+    def clean_name(self) -> str:
+        name = self.cleaned_data["name"]
+        if server_name_taken(owner=self.owner, name=name, server=self.instance):
+            raise forms.ValidationError(NAME_TAKEN)
+        return name

@@ -8,12 +8,14 @@ from django.utils.cache import add_never_cache_headers
 from django.views.decorators.http import require_http_methods, require_POST
 from rest_framework import exceptions
 
-from tether.accounts.selectors import servers_visible_to, templates_visible_to
+from tether.commands.selectors import templates_visible_to
 from tether.commands.services import delete_template, save_template
-from tether.deploy import services as deploy_services
+from tether.deploy import lifecycle
+from tether.deploy.models import Deployment
 from tether.deploy.services import public_url
 from tether.fleet import services as fleet_services
 from tether.fleet.models import Server
+from tether.fleet.selectors import servers_visible_to
 
 from .forms import ServerForm, TemplateForm
 
@@ -40,14 +42,10 @@ def _token_page(request: HttpRequest, server: Server, token: str) -> HttpRespons
 @login_required
 @require_http_methods(["GET", "POST"])
 def servers(request: HttpRequest) -> HttpResponse:
-    form = ServerForm(request.POST or None)
+    form = ServerForm(request.POST or None, owner=request.user)
     if request.method == "POST" and form.is_valid():
-        name = form.cleaned_data["name"]
-        if servers_visible_to(request.user).filter(owner=request.user, name=name).exists():
-            form.add_error("name", "You already have a server with this name.")
-        else:
-            server, token = fleet_services.create_server(owner=request.user, **form.cleaned_data)
-            return _token_page(request, server, token)
+        server, token = fleet_services.create_server(owner=request.user, **form.cleaned_data)
+        return _token_page(request, server, token)
     listing = servers_visible_to(request.user).prefetch_related("agents").order_by("name")
     return render(request, "web/servers.html", {"servers": listing, "form": form})
 
@@ -66,8 +64,8 @@ def server_install(request: HttpRequest, server_id: int) -> HttpResponse:
     """Install the agent over SSH; the deployment page follows its log."""
     server = get_object_or_404(servers_visible_to(request.user), pk=server_id)
     try:
-        deployment = deploy_services.request_deployment(
-            kind="install",
+        deployment = lifecycle.request_deployment(
+            kind=Deployment.Kind.INSTALL,
             server=server,
             agent=None,
             user=request.user,

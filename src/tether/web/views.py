@@ -11,30 +11,28 @@ from typing import Any
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import SuspiciousFileOperation
-from django.db.models import Count, Q, QuerySet
+from django.db.models import QuerySet
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
 from django.views.static import serve
 from rest_framework import exceptions
 
-from tether.accounts.selectors import (
-    agents_visible_to,
-    commands_visible_to,
-    deployments_visible_to,
-    templates_visible_to,
-)
 from tether.commands import output
 from tether.commands import services as command_services
+from tether.commands.selectors import command_history, commands_visible_to, templates_visible_to
 from tether.commands.states import is_final
-from tether.deploy import services as deploy_services
+from tether.deploy import lifecycle
+from tether.deploy.models import Deployment
+from tether.deploy.selectors import deployment_history, deployments_visible_to
 from tether.fleet.models import Agent
+from tether.fleet.selectors import AgentFilter, agents_visible_to, count_by_status
 from tether.pki import services as pki_services
 
 from .forms import RunCommandForm, template_values
 
-HISTORY_LENGTH = 50
-LIFECYCLE_ACTIONS = ("upgrade", "stop", "start")
+K = Deployment.Kind
+LIFECYCLE_ACTIONS = (K.UPGRADE, K.STOP, K.START)
 STATIC_DIR = Path(__file__).resolve().parent / "static" / "web"
 
 
@@ -49,28 +47,21 @@ def static_file(request: HttpRequest, path: str) -> HttpResponse:
 
 
 def _filtered_agents(request: HttpRequest) -> QuerySet[Agent]:
-    agents = agents_visible_to(request.user).order_by("hostname", "id")
+    """The fleet page's filters are the API's (AgentFilter); a status the page does not know
+    is left out rather than refused."""
     status = request.GET.get("status", "")
-    if status in Agent.Status.values:
-        agents = agents.filter(status=status)
-    if search := request.GET.get("q", "").strip():
-        agents = agents.filter(hostname__icontains=search)
-    if tag := request.GET.get("tag", "").strip():
-        # JSON containment is not portable to SQLite; tag lists are short.
-        tagged = [pk for pk, tags in agents.values_list("pk", "tags") if tag in (tags or [])]
-        agents = agents.filter(pk__in=tagged)
-    return agents
+    chosen = AgentFilter(
+        status=status if status in Agent.Status.values else "",
+        search=request.GET.get("q", "").strip(),
+        tag=request.GET.get("tag", "").strip(),
+    )
+    return chosen.apply(agents_visible_to(request.user).order_by("hostname", "id"))
 
 
 def _fleet_context(request: HttpRequest) -> dict[str, Any]:
-    counts = agents_visible_to(request.user).aggregate(
-        total=Count("id"),
-        online=Count("id", filter=Q(status=Agent.Status.ONLINE)),
-        offline=Count("id", filter=Q(status=Agent.Status.OFFLINE)),
-    )
     return {
         "agents": _filtered_agents(request),
-        "counts": counts,
+        "counts": count_by_status(agents_visible_to(request.user)),
         "statuses": Agent.Status.values,
         "filters": {key: request.GET.get(key, "") for key in ("status", "q", "tag")},
     }
@@ -96,10 +87,10 @@ def agent_detail(request: HttpRequest, agent_id: int) -> HttpResponse:
     context = {
         "agent": agent,
         "form": RunCommandForm(user=request.user),
-        "deployments": agent.deployments.order_by("-created_at")[:5],
+        "deployments": deployment_history(agent, length=5),
         "certificate": pki_services.current_certificate(agent),
         "lifecycle_actions": LIFECYCLE_ACTIONS,
-        "commands": _history(agent),
+        "commands": command_history(agent),
     }
     return render(request, "web/agent.html", context)
 
@@ -116,12 +107,7 @@ def agent_status(request: HttpRequest, agent_id: int) -> HttpResponse:
 @require_GET
 def agent_history(request: HttpRequest, agent_id: int) -> HttpResponse:
     agent = get_object_or_404(agents_visible_to(request.user), pk=agent_id)
-    return render(request, "web/_history.html", {"commands": _history(agent)})
-
-
-def _history(agent: Agent) -> QuerySet:
-    latest = agent.commands.select_related("created_by").order_by("-created_at", "-id")
-    return latest[:HISTORY_LENGTH]
+    return render(request, "web/_history.html", {"commands": command_history(agent)})
 
 
 @login_required
@@ -146,17 +132,18 @@ def run_command(request: HttpRequest, agent_id: int) -> HttpResponse:
     if not form.is_valid():
         return render(request, "web/_console_error.html", {"form": form}, status=400)
     template = form.cleaned_data["template"]
-    timeout = form.cleaned_data["timeout"]
-    if template is not None:
-        line = form.rendered_line(template_values(template, request.POST))
-        if line is None:
-            return render(request, "web/_console_error.html", {"form": form}, status=400)
-        timeout = timeout or template.timeout
-    else:
-        line = form.cleaned_data["command"]
-    command = command_services.queue_command(
-        agent=agent, command=line, timeout=timeout, user=request.user
-    )
+    try:
+        command = command_services.send_command(
+            agent=agent,
+            user=request.user,
+            command=form.cleaned_data["command"] if template is None else None,
+            template=template,
+            params=template_values(template, request.POST) if template is not None else None,
+            timeout=form.cleaned_data["timeout"],
+        )
+    except exceptions.ValidationError as exc:
+        form.add_error(None, _message(exc))
+        return render(request, "web/_console_error.html", {"form": form}, status=400)
     return render(request, "web/_console.html", {"command": command})
 
 
@@ -167,12 +154,10 @@ def agent_action(request: HttpRequest, agent_id: int, action: str) -> HttpRespon
     agent = get_object_or_404(agents_visible_to(request.user), pk=agent_id)
     try:
         if action == "certificate":
-            if not agent.signs_requests:
-                raise exceptions.ValidationError("this agent has no RPC endpoint to certify")
-            pki_services.issue_certificate(agent=agent, user=request.user)
+            pki_services.update_certificate(agent=agent, user=request.user, regenerate=True)
             messages.success(request, "A new certificate was issued and is being delivered.")
             return redirect("web:agent", agent_id=agent.pk)
-        deployment = deploy_services.request_deployment(
+        deployment = lifecycle.request_deployment(
             kind=action,
             server=agent.server,
             agent=agent,

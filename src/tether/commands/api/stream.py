@@ -13,12 +13,12 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 
 from tether import wakeups
-from tether.accounts.selectors import commands_visible_to
 from tether.db import run_db
 from tether.sse import KEEPALIVE, KEEPALIVE_SECONDS, event, open_stream
 
 from .. import states
 from ..models import Command, OutputChunk
+from ..selectors import commands_visible_to
 
 
 @dataclass

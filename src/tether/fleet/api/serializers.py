@@ -1,13 +1,10 @@
-import re
-
 from rest_framework import serializers
 
 from tether.serializers import StrictInputMixin, TagList
 
 from ..models import Agent, Server
-
-AGENT_DIR = re.compile(r"/[A-Za-z0-9._/+-]{1,254}")
-SSH_USER = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,63}")
+from ..selectors import server_name_taken
+from ..validators import NAME_TAKEN
 
 
 class ServerSerializer(StrictInputMixin, serializers.ModelSerializer):
@@ -16,7 +13,6 @@ class ServerSerializer(StrictInputMixin, serializers.ModelSerializer):
     )
     tags = TagList()
     agents = serializers.PrimaryKeyRelatedField(many=True, read_only=True)
-    ssh_port = serializers.IntegerField(min_value=1, max_value=65535, required=False)
     has_ssh_key = serializers.SerializerMethodField()
 
     class Meta:
@@ -41,30 +37,10 @@ class ServerSerializer(StrictInputMixin, serializers.ModelSerializer):
         return bool(server.ssh_private_key_encrypted)
 
     def validate_name(self, value: str) -> str:
+        # The field rules (host, ssh_user, ssh_port, agent_dir) are the model's validators.
         owner = self.instance.owner if self.instance else self.context["request"].user
-        taken = Server.objects.filter(owner=owner, name=value)
-        if self.instance is not None:
-            taken = taken.exclude(pk=self.instance.pk)
-        if taken.exists():
-            raise serializers.ValidationError("You already have a server with this name.")
-        return value
-
-    def validate_agent_dir(self, value: str) -> str:
-        # It ends up in a systemd ExecStart line and in the agent's paths: a plain absolute path.
-        if not AGENT_DIR.fullmatch(value) or "/../" in value + "/":
-            raise serializers.ValidationError(
-                "Enter an absolute path of letters, digits and . _ - + / only."
-            )
-        return value
-
-    def validate_ssh_user(self, value: str) -> str:
-        if not SSH_USER.fullmatch(value):
-            raise serializers.ValidationError("Enter a user name (letters, digits, _ . -).")
-        return value
-
-    def validate_host(self, value: str) -> str:
-        if any(c.isspace() for c in value) or value.startswith("-"):
-            raise serializers.ValidationError("Enter a host name or address.")
+        if server_name_taken(owner=owner, name=value, server=self.instance):
+            raise serializers.ValidationError(NAME_TAKEN)
         return value
 
 

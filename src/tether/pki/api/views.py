@@ -1,4 +1,5 @@
-"""`POST /api/agents/{id}/check_status/`: a native async view, so that a status check waits on
+"""Human API for agent certificates: `POST /api/agents/{id}/update_certificate/`, and
+`POST /api/agents/{id}/check_status/`, a native async view, so that a status check waits on
 a socket, not on one of the server's threads (DRF views run on Django's one sync thread)."""
 
 import json
@@ -9,15 +10,57 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
-from rest_framework import exceptions
+from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
+from rest_framework import exceptions, serializers
+from rest_framework.decorators import action
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
 
-from tether.accounts.selectors import agents_visible_to
-from tether.agent_views import error_response
 from tether.db import run_db
 from tether.errors import json_error
+from tether.fleet.agent_views import error_response
+from tether.fleet.api.views import AgentActionViewSet
+from tether.fleet.models import Agent
+from tether.fleet.selectors import agents_visible_to
+from tether.serializers import StrictBoolean, StrictInputMixin
 from tether.sse import authenticated_user
 
-from . import rpc, services
+from .. import rpc, services
+
+
+class UpdateCertificateInput(StrictInputMixin, serializers.Serializer):
+    regenerate = StrictBoolean(required=False)
+    verify_ssl = StrictBoolean(required=False)
+
+
+CERTIFICATE = inline_serializer(
+    "AgentCertificate",
+    {
+        "serial": serializers.CharField(allow_null=True),
+        "fingerprint_sha256": serializers.CharField(allow_null=True),
+        "not_after": serializers.DateTimeField(allow_null=True),
+        "verify_ssl": serializers.BooleanField(),
+        "pending": serializers.BooleanField(),
+    },
+)
+
+
+class AgentCertificateViewSet(AgentActionViewSet):
+    """The agent's RPC certificate."""
+
+    serializer_class = UpdateCertificateInput
+
+    @extend_schema(request=UpdateCertificateInput, responses={200: CERTIFICATE})
+    @action(detail=True, methods=["post"])
+    def update_certificate(self, request: Request, pk: str) -> Response:
+        """`regenerate: true` issues a new RPC certificate (the old one is revoked at once) and
+        delivers it; `verify_ssl` sets whether either side verifies the other's certificate."""
+        agent: Agent = self.get_object()
+        data = UpdateCertificateInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        services.update_certificate(agent=agent, user=request.user, **data.validated_data)
+        return Response(services.certificate_answer(agent))
 
 
 def _target(request: HttpRequest, agent_id: int) -> rpc.Target | None:
@@ -33,6 +76,20 @@ def _target(request: HttpRequest, agent_id: int) -> rpc.Target | None:
     if body != {}:
         raise exceptions.ValidationError("check_status takes no fields.")
     return services.rpc_target(agent)
+
+
+STATUS_CHECK = inline_serializer(
+    "StatusCheck",
+    {
+        "reachable": serializers.BooleanField(),
+        "version": serializers.CharField(allow_null=True),
+        "running": serializers.ListField(child=serializers.IntegerField()),
+        "error": serializers.CharField(required=False),
+        "latency_ms": serializers.FloatField(),
+        "checked_at": serializers.DateTimeField(),
+        "status": serializers.CharField(),
+    },
+)
 
 
 @csrf_exempt  # DRF's session authentication checks CSRF itself; tokens need none
@@ -63,3 +120,23 @@ async def check_status(request: HttpRequest, agent_id: int) -> HttpResponse:
     answer["checked_at"] = timezone.now().isoformat()
     answer["status"] = await run_db(services.record_status_check, agent_id, answer)
     return JsonResponse(answer)
+
+
+class CheckStatusSchema(APIView):
+    """check_status in the API schema. drf-spectacular documents DRF views only, and
+    check_status must stay a native async view; this class describes it and serves nothing
+    (the URL is routed to check_status itself)."""
+
+    @extend_schema(
+        operation_id="agents_check_status_create",
+        request=None,
+        responses={200: STATUS_CHECK, 404: OpenApiResponse(description="not your agent")},
+        tags=["agents"],
+    )
+    def post(self, request: Request, agent_id: int) -> Response:
+        raise exceptions.MethodNotAllowed("POST")
+
+
+# What drf-spectacular's endpoint enumerator reads of a DRF view (APIView.as_view sets both).
+check_status.cls = CheckStatusSchema  # type: ignore[attr-defined]
+check_status.initkwargs = {}  # type: ignore[attr-defined]

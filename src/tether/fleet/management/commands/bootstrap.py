@@ -12,8 +12,8 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand
 from django.db import transaction
 
-from tether.fleet import services
-from tether.fleet.models import Server
+from ... import services
+from ...models import Server
 
 FIRST_SERVER = "first-server"
 

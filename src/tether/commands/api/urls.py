@@ -1,0 +1,17 @@
+"""The commands app's human API, mounted at /api/ (tether.urls)."""
+
+from django.urls import include, path
+from rest_framework.routers import SimpleRouter
+
+from .stream import command_stream
+from .views import AgentCommandViewSet, CommandTemplateViewSet, CommandViewSet
+
+router = SimpleRouter()
+router.register("agents/command-templates", CommandTemplateViewSet, basename="command-template")
+router.register("agents", AgentCommandViewSet, basename="agent-command")
+router.register("commands", CommandViewSet, basename="command")
+
+urlpatterns = [
+    path("commands/<int:command_id>/stream/", command_stream),
+    path("", include(router.urls)),
+]

@@ -1,0 +1,28 @@
+"""Questions about commands and templates, asked the same way by the API, pages and streams."""
+
+from django.contrib.auth.models import AbstractBaseUser
+from django.db.models import QuerySet
+
+from tether.accounts.selectors import owned_by
+from tether.fleet.models import Agent
+
+from .models import Command, CommandTemplate
+
+HISTORY_LENGTH = 50
+
+
+def commands_visible_to(user: AbstractBaseUser) -> QuerySet[Command]:
+    """The commands of the agents `user` may see."""
+    commands = Command.objects.select_related("agent", "created_by")
+    return owned_by(user, commands, "agent__server__owner")
+
+
+def templates_visible_to(user: AbstractBaseUser) -> QuerySet[CommandTemplate]:
+    """A user's own command templates: templates are personal, staff included."""
+    return CommandTemplate.objects.filter(owner=user)
+
+
+def command_history(agent: Agent) -> QuerySet[Command]:
+    """The agent's latest commands, newest first (the API's and the agent page's history)."""
+    latest = agent.commands.select_related("created_by").order_by("-created_at", "-id")
+    return latest[:HISTORY_LENGTH]

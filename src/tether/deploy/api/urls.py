@@ -1,0 +1,16 @@
+"""The deploy app's human API, mounted at /api/ (tether.urls)."""
+
+from django.urls import include, path
+from rest_framework.routers import SimpleRouter
+
+from .views import AgentLifecycleViewSet, DeploymentViewSet, ServerInstallViewSet, deployment_stream
+
+router = SimpleRouter()
+router.register("agents", AgentLifecycleViewSet, basename="agent-lifecycle")
+router.register("servers", ServerInstallViewSet, basename="server-install")
+router.register("deployments", DeploymentViewSet, basename="deployment")
+
+urlpatterns = [
+    path("deployments/<int:deployment_id>/stream/", deployment_stream),
+    path("", include(router.urls)),
+]
