@@ -44,3 +44,12 @@ class SchemaContentTestCase(TestCase):
                     "202", self.operation(f"/api/agents/{{id}}/{action}/", "post")["responses"]
                 )
         self.assertIn("202", self.operation("/api/servers/{id}/install/", "post")["responses"])
+
+    def test_histories_are_documented_as_the_plain_lists_they_are(self) -> None:
+        for history in ("commands", "deployments"):
+            with self.subTest(history=history):
+                get = self.operation(f"/api/agents/{{id}}/{history}/", "get")
+                answer = get["responses"]["200"]["content"]["application/json"]["schema"]
+                self.assertEqual(answer["type"], "array")
+                names = [p["name"] for p in get.get("parameters", [])]
+                self.assertNotIn("page", names)

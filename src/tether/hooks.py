@@ -5,8 +5,8 @@ The apps are layered (docs/architecture.md): `accounts` <- `fleet` <- `commands`
 one act: a command's result ends a deployment, a registration needs a certificate. The lower
 app declares a `Hook` in its own `hooks.py` and calls it; the higher app connects its handler
 in its `AppConfig.ready()`. Unlike Django signals, a hook is declared where it fires, called
-synchronously inside the caller's transaction, and has a fixed list of handlers that the
-app registry fills once at start (in INSTALLED_APPS order).
+synchronously (inside the caller's transaction when it has one), and has a fixed list of
+handlers that the app registry fills once at start (in INSTALLED_APPS order).
 """
 
 from collections.abc import Callable
@@ -29,8 +29,8 @@ class Hook:
         return handler
 
     def send(self, **event: Any) -> None:
-        """Call every handler with the event's keyword arguments, in the caller's transaction;
-        an exception propagates (and rolls the caller's work back with it)."""
+        """Call every handler with the event's keyword arguments, in the caller's transaction
+        if any; an exception propagates (and rolls that transaction back with it)."""
         for handler in self.handlers:
             handler(**event)
 

@@ -99,6 +99,22 @@ class FleetPageTestCase(WebTestCase):
         self.assertNotContains(response, "other-host")
         self.assertNotContains(response, f'data-agent="{self.agent.pk}"')
 
+    def test_the_search_matches_hostnames_and_server_names_as_the_api_does(self) -> None:
+        other_server, _ = fleet_services.create_server(
+            owner=self.alice, name="billing-db", host="10.0.0.7"
+        )
+        on_it = fleet_services.register_agent(server=other_server, hostname="node-9").agent
+
+        by_server = self.client.get("/fleet/rows/?q=billing")
+        by_host = self.client.get("/fleet/rows/?q=web-1")
+
+        self.assertContains(by_server, f'data-agent="{on_it.pk}"')
+        self.assertNotContains(by_server, f'data-agent="{self.agent.pk}"')
+        self.assertContains(by_host, f'data-agent="{self.agent.pk}"')
+        self.assertNotContains(by_host, f'data-agent="{on_it.pk}"')
+        api = self.client.get("/api/agents/?search=billing").json()
+        self.assertEqual([a["id"] for a in api["results"]], [on_it.pk])
+
     def test_the_fragment_filters_by_tag(self) -> None:
         tagged, other = self.tagged_and_untagged()
 

@@ -22,6 +22,19 @@ def templates_visible_to(user: AbstractBaseUser) -> QuerySet[CommandTemplate]:
     return CommandTemplate.objects.filter(owner=user)
 
 
+TEMPLATE_NAME_TAKEN = "You already have a template with this name."
+
+
+def template_name_taken(
+    *, owner: AbstractBaseUser, name: str, template: CommandTemplate | None = None
+) -> bool:
+    """Whether `owner` already has another template called `name` (names are per owner)."""
+    taken = templates_visible_to(owner).filter(name=name)
+    if template is not None and template.pk is not None:
+        taken = taken.exclude(pk=template.pk)
+    return taken.exists()
+
+
 def command_history(agent: Agent) -> QuerySet[Command]:
     """The agent's latest commands, newest first (the API's and the agent page's history)."""
     latest = agent.commands.select_related("created_by").order_by("-created_at", "-id")

@@ -79,7 +79,7 @@ def send_command(
             raise exceptions.ValidationError({"params": [str(exc)]}) from exc
         args = None
         timeout = timeout or template.timeout
-    if not command:
+    if command is None:
         raise exceptions.ValidationError("Give either a command or a template.")
     return queue_command(agent=agent, command=command, args=args, timeout=timeout, user=user)
 

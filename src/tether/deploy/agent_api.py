@@ -29,7 +29,7 @@ class DeploymentProgressView(AgentAPIView):
             )
         except Deployment.DoesNotExist as exc:
             raise exceptions.NotFound("No such deployment for this agent.") from exc
-        if data.validated_data.get("status") == "failed":
+        if data.validated_data.get("status") == Deployment.Status.FAILED:
             deployment = services.end_deployment(
                 deployment=deployment, status=Deployment.Status.FAILED, line=""
             )

@@ -111,6 +111,8 @@ def set_agent_tags(*, agent: Agent, tags: list[str] | None, user: AbstractBaseUs
 
 @dataclass
 class Registration:
+    """A registered agent with its new credentials, which are shown to it once."""
+
     agent: Agent
     token: str
     secret_key: str

@@ -11,7 +11,11 @@ from django.http import QueryDict
 from tether.commands import command_templates
 from tether.commands.api.serializers import MAX_COMMAND_CHARS
 from tether.commands.models import CommandTemplate
-from tether.commands.selectors import templates_visible_to
+from tether.commands.selectors import (
+    TEMPLATE_NAME_TAKEN,
+    template_name_taken,
+    templates_visible_to,
+)
 from tether.fleet.models import Server
 from tether.fleet.selectors import server_name_taken
 from tether.fleet.validators import NAME_TAKEN
@@ -78,9 +82,8 @@ class TemplateForm(forms.ModelForm):
 
     def clean_name(self) -> str:
         name = self.cleaned_data["name"]
-        taken = templates_visible_to(self.owner).filter(name=name).exclude(pk=self.instance.pk)
-        if taken.exists():
-            raise forms.ValidationError("You already have a template with this name.")
+        if template_name_taken(owner=self.owner, name=name, template=self.instance):
+            raise forms.ValidationError(TEMPLATE_NAME_TAKEN)
         return name
 
     def clean(self) -> dict[str, Any]:

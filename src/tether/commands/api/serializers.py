@@ -7,6 +7,7 @@ from tether.serializers import StrictInputMixin
 
 from .. import command_templates, output
 from ..models import Command, CommandTemplate
+from ..selectors import TEMPLATE_NAME_TAKEN, template_name_taken
 
 MAX_COMMAND_CHARS = 64 * 1024
 
@@ -109,11 +110,8 @@ class CommandTemplateSerializer(StrictInputMixin, serializers.ModelSerializer):
 
     def validate_name(self, value: str) -> str:
         owner = self.context["request"].user
-        taken = CommandTemplate.objects.filter(owner=owner, name=value)
-        if self.instance is not None:
-            taken = taken.exclude(pk=self.instance.pk)
-        if taken.exists():
-            raise serializers.ValidationError("You already have a template with this name.")
+        if template_name_taken(owner=owner, name=value, template=self.instance):
+            raise serializers.ValidationError(TEMPLATE_NAME_TAKEN)
         return value
 
     def validate(self, data: dict[str, Any]) -> dict[str, Any]:

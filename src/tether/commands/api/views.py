@@ -46,7 +46,7 @@ class AgentCommandViewSet(AgentActionViewSet):
         operation_id="agents_commands_retrieve",
         responses={200: CommandSummarySerializer(many=True)},
     )
-    @action(detail=True, methods=["get"])
+    @action(detail=True, methods=["get"], pagination_class=None)
     def commands(self, request: Request, pk: str) -> Response:
         """The agent's latest commands, newest first."""
         latest = command_history(self.get_object())

@@ -97,7 +97,7 @@ class AgentLifecycleViewSet(AgentActionViewSet):
         operation_id="agents_deployments_retrieve",
         responses={200: DeploymentSummarySerializer(many=True)},
     )
-    @action(detail=True, methods=["get"])
+    @action(detail=True, methods=["get"], pagination_class=None)
     def deployments(self, request: Request, pk: str) -> Response:
         """The agent's latest deployments, newest first."""
         latest = deployment_history(self.get_object())
