@@ -1,6 +1,7 @@
 """Agent certificates: issue, deliver, revoke, renew; verify_ssl per agent."""
 
 import json
+import time
 from datetime import timedelta
 from typing import Any
 
@@ -17,7 +18,7 @@ from tether.fleet import credentials
 from tether.fleet import services as fleet_services
 from tether.fleet.models import Agent
 
-from . import ca
+from . import ca, rpc
 from .models import Certificate
 from .rpc import Target
 
@@ -194,6 +195,31 @@ def rpc_target(agent: Agent) -> Target | None:
             agent.certificates.filter(revoked_at=None).values_list("serial", flat=True)
         ),
     )
+
+
+async def ask_status(target: Target | None) -> dict[str, Any]:
+    """Ask the agent's RPC endpoint for its status (a coroutine: the wait is on a socket, not
+    on a server thread). Every outcome is an answer: unreachable, refused or without an
+    endpoint is `reachable: false` with the reason; record_status_check then judges it."""
+    started = time.monotonic()
+    answer: dict[str, Any] = {"reachable": False, "version": None, "running": []}
+    if target is None:
+        answer["error"] = "the agent has no RPC endpoint (no rpc_port or no certificate yet)"
+    else:
+        try:
+            status, data = await rpc.call(target, "GET", "/status", settings.RPC_TIMEOUT)
+        except rpc.RpcError as exc:
+            answer["error"] = str(exc)
+        else:
+            if status == 200:
+                answer.update(
+                    reachable=True, version=data.get("version"), running=data.get("running", [])
+                )
+            else:
+                answer["error"] = f"the agent answered HTTP {status}"
+    answer["latency_ms"] = round((time.monotonic() - started) * 1000, 1)
+    answer["checked_at"] = timezone.now().isoformat()
+    return answer
 
 
 def record_status_check(agent_id: int, answer: dict[str, Any]) -> str:

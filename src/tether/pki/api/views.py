@@ -3,12 +3,8 @@
 a socket, not on one of the server's threads (DRF views run on Django's one sync thread)."""
 
 import json
-import time
-from typing import Any
 
-from django.conf import settings
 from django.http import HttpRequest, HttpResponse, JsonResponse
-from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import exceptions, serializers
@@ -100,24 +96,7 @@ async def check_status(request: HttpRequest, agent_id: int) -> HttpResponse:
         target = await run_db(_target, request, agent_id)
     except exceptions.APIException as exc:
         return error_response(exc)
-    started = time.monotonic()
-    answer: dict[str, Any] = {"reachable": False, "version": None, "running": []}
-    if target is None:
-        answer["error"] = "the agent has no RPC endpoint (no rpc_port or no certificate yet)"
-    else:
-        try:
-            status, data = await rpc.call(target, "GET", "/status", settings.RPC_TIMEOUT)
-        except rpc.RpcError as exc:
-            answer["error"] = str(exc)
-        else:
-            if status == 200:
-                answer.update(
-                    reachable=True, version=data.get("version"), running=data.get("running", [])
-                )
-            else:
-                answer["error"] = f"the agent answered HTTP {status}"
-    answer["latency_ms"] = round((time.monotonic() - started) * 1000, 1)
-    answer["checked_at"] = timezone.now().isoformat()
+    answer = await services.ask_status(target)
     answer["status"] = await run_db(services.record_status_check, agent_id, answer)
     return JsonResponse(answer)
 
