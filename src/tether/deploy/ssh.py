@@ -126,7 +126,7 @@ def run_ssh_deployment(deployment_id: int) -> None:
             write=write,
         )
     finally:
-        _close_ssh_masters(workdir / "cp")
+        _stop_leftovers(workdir)
         shutil.rmtree(workdir, ignore_errors=True)
 
     if status == RUNNER_CANCELED or _cancelled(deployment_id):
@@ -195,12 +195,14 @@ def _run_playbook(
     return runner.status, failure
 
 
-def _close_ssh_masters(control_dir: Path) -> None:
-    """End the multiplexing connections Ansible left behind (ControlPersist). A cancelled run
-    never closes them, and a master still connecting when Ansible was killed lives on in a
-    session of its own, where it would recreate the run's directory to record a host key: ask
-    each socket to exit, then stop any ssh process still using this run's control path."""
-    for socket_path in control_dir.glob("*"):
+def _stop_leftovers(workdir: Path) -> None:
+    """End what a run may leave behind before its directory is removed, so that nothing
+    recreates it: the multiplexing connections (ControlPersist), which a cancelled run never
+    closes, and any process still using the directory (a master still connecting when Ansible
+    was killed lives on in a session of its own and records a host key there; Ansible's forked
+    workers can outlive a killed ansible-playbook). Ask each socket to exit, then stop every
+    process whose command line names a path in this run's directory."""
+    for socket_path in (workdir / "cp").glob("*"):
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             subprocess.run(
                 ["ssh", "-O", "exit", "-o", f"ControlPath={socket_path}", "tether-deploy"],
@@ -208,9 +210,10 @@ def _close_ssh_masters(control_dir: Path) -> None:
                 timeout=5,
                 check=False,
             )
-    marker = str(control_dir).encode()
+    # With the separator: run 12's marker must not match run 123's paths.
+    marker = (str(workdir) + "/").encode()
     for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
             continue
         with contextlib.suppress(OSError):
             if marker in (proc / "cmdline").read_bytes():
@@ -297,6 +300,6 @@ def remove_stale_run_dirs() -> int:
     )
     stale = [path for name, path in named.items() if int(name) not in active]
     for path in stale:
-        _close_ssh_masters(path / "cp")
+        _stop_leftovers(path)
         shutil.rmtree(path, ignore_errors=True)
     return len(stale)
