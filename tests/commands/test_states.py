@@ -23,9 +23,14 @@ class StatesTestCase(SimpleTestCase):
     def test_it_knows_which_states_are_final(self) -> None:
         self.assertEqual(
             {s for s in S.values if is_final(s)},
-            {"succeeded", "failed", "timed_out", "cancelled", "lost"},
+            {"succeeded", "failed", "timed_out", "cancelled", "lost", "skipped"},
         )
         self.assertEqual(set(ACTIVE), {"delivered", "running"})
+
+    def test_a_held_run_target_is_only_released_or_cancelled(self) -> None:
+        for new in S.values:
+            with self.subTest(new=new):
+                self.assertEqual(can_transition(S.HELD, new), new in (S.QUEUED, S.CANCELLED))
 
     def test_a_queued_command_can_be_cancelled(self) -> None:
         self.assertTrue(can_transition(S.QUEUED, S.CANCELLED))

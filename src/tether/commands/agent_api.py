@@ -43,7 +43,7 @@ class ProgressInput(serializers.Serializer):
 
 
 class ResultInput(ProgressInput):
-    status = serializers.ChoiceField(choices=sorted(states.FINAL), required=False)
+    status = serializers.ChoiceField(choices=sorted(states.AGENT_OUTCOMES), required=False)
     success = serializers.BooleanField(required=False)
     exit_code = serializers.IntegerField(required=False, allow_null=True)
     return_code = serializers.IntegerField(required=False, allow_null=True)

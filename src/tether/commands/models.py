@@ -10,6 +10,8 @@ class Command(models.Model):
     never only in memory (DESIGN §3)."""
 
     class Status(models.TextChoices):
+        # A run's target waiting for its concurrency window: not handed to the agent yet.
+        HELD = "held"
         QUEUED = "queued"
         DELIVERED = "delivered"
         RUNNING = "running"
@@ -18,6 +20,8 @@ class Command(models.Model):
         TIMED_OUT = "timed_out"
         CANCELLED = "cancelled"
         LOST = "lost"
+        # A run's target whose agent was offline when the run started (`offline: skip`).
+        SKIPPED = "skipped"
 
     class Kind(models.TextChoices):
         SHELL = "shell"
@@ -49,6 +53,10 @@ class Command(models.Model):
     # What an internal command carries beyond its name (a certificate and its key), as
     # encrypted JSON: a database dump does not yield the key.
     payload_encrypted = models.TextField(blank=True, default="")
+    # A command sent to many agents at once belongs to its run (runs.py).
+    run = models.ForeignKey(
+        "commands.Run", null=True, blank=True, on_delete=models.CASCADE, related_name="commands"
+    )
     # An internal command carrying out a deployment (upgrade, stop) reports into it.
     deployment = models.ForeignKey(
         "deploy.Deployment", null=True, blank=True, on_delete=models.CASCADE, related_name="+"
@@ -64,7 +72,10 @@ class Command(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
-        indexes = [models.Index(fields=["agent", "status"], name="command_agent_status")]
+        indexes = [
+            models.Index(fields=["agent", "status"], name="command_agent_status"),
+            models.Index(fields=["run", "status"], name="command_run_status"),
+        ]
 
     def __str__(self) -> str:
         return f"#{self.pk} {self.command[:40]}"
@@ -117,3 +128,55 @@ class CommandTemplate(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class Run(models.Model):
+    """One command sent to many agents (docs/runs.md): its targets are its commands, released
+    to their agents as `max_concurrency` allows; past `max_errors` failures the targets not
+    yet started are cancelled."""
+
+    class Status(models.TextChoices):
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    class Offline(models.TextChoices):
+        SKIP = "skip"
+        WAIT = "wait"
+
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="runs"
+    )
+    command = models.TextField()
+    args = models.JSONField(null=True, blank=True)
+    template = models.ForeignKey(
+        CommandTemplate, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    timeout = models.PositiveIntegerField()
+    max_concurrency = models.PositiveIntegerField()
+    # None: every target runs, however many fail.
+    max_errors = models.PositiveIntegerField(null=True, blank=True)
+    offline = models.CharField(max_length=8, choices=Offline.choices, default=Offline.SKIP)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.RUNNING)
+    # Why the run ended early (max_errors, an operator's cancel); blank otherwise.
+    reason = models.TextField(blank=True, default="")
+    cancel_requested = models.BooleanField(default=False)
+    # A retried POST with the same key returns this run; the hash tells a different request.
+    idempotency_key = models.CharField(max_length=200, blank=True, default="")
+    request_hash = models.CharField(max_length=64, blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["created_by", "idempotency_key"],
+                condition=~models.Q(idempotency_key=""),
+                name="run_idempotency_key_per_user",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"run #{self.pk} {self.command[:40]}"

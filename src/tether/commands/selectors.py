@@ -6,7 +6,7 @@ from django.db.models import QuerySet
 from tether.accounts.selectors import owned_by
 from tether.fleet.models import Agent
 
-from .models import Command, CommandTemplate
+from .models import Command, CommandTemplate, Run
 
 HISTORY_LENGTH = 50
 
@@ -15,6 +15,12 @@ def commands_visible_to(user: AbstractBaseUser) -> QuerySet[Command]:
     """The commands of the agents `user` may see."""
     commands = Command.objects.select_related("agent", "created_by")
     return owned_by(user, commands, "agent__server__owner")
+
+
+def runs_visible_to(user: AbstractBaseUser) -> QuerySet[Run]:
+    """The runs `user` started (staff: everyone's). A run may reach agents of several
+    owners only for staff, so it is its creator's."""
+    return owned_by(user, Run.objects.select_related("created_by"), "created_by")
 
 
 def templates_visible_to(user: AbstractBaseUser) -> QuerySet[CommandTemplate]:

@@ -22,7 +22,7 @@ from tether.fleet import credentials
 from tether.fleet.models import Agent
 from tether.fleet.services import offline_cutoff
 
-from . import command_templates, hooks, output, states
+from . import command_templates, hooks, output, runs, states
 from .models import Command, CommandTemplate
 from .reports import Result
 
@@ -200,8 +200,16 @@ def record_progress(
             output.apply_chunks(command, chunks)
             _mark_running(command, started_at)
             command.save()
-            wakeups.notify_on_commit(wakeups.command_key(command.pk))
+            wakeups.notify_on_commit(*_watchers(command))
     return {"offsets": output.ends(command), "cancel": command.cancel_requested}
+
+
+def _watchers(command: Command) -> list[str]:
+    """The wake-up keys of everyone following this command: its stream, and its run's."""
+    keys = [wakeups.command_key(command.pk)]
+    if command.run_id is not None:
+        keys.append(runs.run_key(command.run_id))
+    return keys
 
 
 def record_result(*, agent: Agent, command_id: int, result: Result) -> None:
@@ -227,8 +235,10 @@ def record_result(*, agent: Agent, command_id: int, result: Result) -> None:
         _mark_running(command, result.started_at)
         _finish(command, result.status, exit_code=result.exit_code, error=result.error)
         command.save()
-        wakeups.notify_on_commit(wakeups.command_key(command.pk))
+        wakeups.notify_on_commit(*_watchers(command))
         hooks.command_finished.send(command=command)
+        if command.run_id is not None:
+            runs.advance_run(command.run_id)
 
 
 def _finish(
@@ -249,15 +259,15 @@ def cancel_command(*, command: Command, user: AbstractBaseUser | None) -> Comman
         command = Command.objects.select_for_update().get(pk=command.pk)
         if states.is_final(command.status):
             raise Conflict(f"command is already {command.status}", code="already_final")
-        if command.status == S.QUEUED:
+        if command.status in (S.HELD, S.QUEUED):
             _finish(command, S.CANCELLED, error="cancelled before delivery")
         else:
             command.cancel_requested = True
         command.save()
         audit(user=user, action="command.cancel", target=command)
-        wakeups.notify_on_commit(
-            wakeups.agent_key(command.agent_id), wakeups.command_key(command.pk)
-        )
+        wakeups.notify_on_commit(wakeups.agent_key(command.agent_id), *_watchers(command))
+        if command.run_id is not None:
+            runs.advance_run(command.run_id)
     return command
 
 
@@ -275,6 +285,7 @@ def mark_lost_commands() -> int:
     ids = list(lost.values_list("id", flat=True))
     if not ids:
         return 0
+    affected_runs = runs.runs_of(Command.objects.filter(id__in=ids))
     # The same conditions again in the UPDATE: a command that reported since is left alone.
     count = _mark_lost(
         lost.filter(id__in=ids),
@@ -282,6 +293,7 @@ def mark_lost_commands() -> int:
     )
     for command_id in ids:
         wakeups.notify(wakeups.command_key(command_id))
+    runs.advance_runs(affected_runs)
     return count
 
 
@@ -299,9 +311,11 @@ def mark_commands_lost_on_reregister(*, agent: Agent, replaced: bool = True) -> 
         return 0
     active = Command.objects.filter(agent=agent, status__in=states.ACTIVE)
     ids = list(active.values_list("id", flat=True))
+    affected_runs = runs.runs_of(active)
     count = _mark_lost(active, "the agent registered again while the command was active")
     for command_id in ids:
         wakeups.notify_on_commit(wakeups.command_key(command_id))
+    runs.advance_runs(affected_runs)
     return count
 
 

@@ -7,10 +7,16 @@ was lost, or the lease ran out and it was handed out again); it is final all the
 from .models import Command
 
 S = Command.Status
-FINAL = frozenset({S.SUCCEEDED, S.FAILED, S.TIMED_OUT, S.CANCELLED, S.LOST})
+FINAL = frozenset({S.SUCCEEDED, S.FAILED, S.TIMED_OUT, S.CANCELLED, S.LOST, S.SKIPPED})
 ACTIVE = frozenset({S.DELIVERED, S.RUNNING})
+# What an agent may report of a command (`skipped` is the server's word, before any agent).
+AGENT_OUTCOMES = FINAL - {S.SKIPPED}
+# Failures that count against a run's max_errors.
+ERRORS = frozenset({S.FAILED, S.TIMED_OUT, S.LOST})
 
 ALLOWED: dict[str, frozenset[str]] = {
+    # A run's target: released into the queue, or cancelled before it ever was.
+    S.HELD: frozenset({S.QUEUED, S.CANCELLED}),
     S.QUEUED: frozenset({S.DELIVERED, S.RUNNING, S.CANCELLED}) | FINAL,
     # delivered -> delivered: handed out again after its lease ran out.
     S.DELIVERED: frozenset({S.DELIVERED, S.RUNNING}) | FINAL,
@@ -30,5 +36,6 @@ def is_final(status: str) -> bool:
 
 
 def takes_agent_reports(status: str) -> bool:
-    """Whether progress and results from the agent still change the command."""
-    return not is_final(status) or status == S.LOST
+    """Whether progress and results from the agent still change the command (never one it
+    was not handed: a held target is not the agent's yet)."""
+    return (not is_final(status) and status != S.HELD) or status == S.LOST

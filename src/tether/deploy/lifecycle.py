@@ -17,7 +17,7 @@ from tether.commands.services import queue_command
 from tether.errors import Conflict
 from tether.fleet.agent_files import agent_version
 from tether.fleet.models import Agent, Server
-from tether.fleet.services import heartbeat_is_fresh
+from tether.fleet.services import agent_is_online
 
 from .models import Deployment
 from .services import ACTIVE, append_log, create_deployment, end_deployment
@@ -26,14 +26,6 @@ from .tasks import run_ssh_deployment_task
 S = Deployment.Status
 K = Deployment.Kind
 M = Deployment.Method
-
-
-def agent_is_online(agent: Agent) -> bool:
-    """Whether the agent can act on a request itself: online (or mid-upgrade) and heard from
-    within the offline threshold, so the sweep has not simply not caught up yet."""
-    return agent.status in (Agent.Status.ONLINE, Agent.Status.UPGRADING) and heartbeat_is_fresh(
-        agent
-    )
 
 
 def _check_ssh_ready(server: Server) -> None:

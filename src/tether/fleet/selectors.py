@@ -1,9 +1,11 @@
 """Questions about the fleet, asked the same way by the API, the pages and the streams."""
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import Count, Q, QuerySet
+from rest_framework import exceptions
 
 from tether.accounts.selectors import owned_by
 
@@ -64,3 +66,48 @@ def count_by_status(agents: QuerySet[Agent]) -> dict[str, int]:
     counts = {"total": Count("id")}
     counts.update({status: Count("id", filter=Q(status=status)) for status in Agent.Status.values})
     return agents.aggregate(**counts)
+
+
+def resolve_targets(
+    user: AbstractBaseUser,
+    *,
+    agents: Iterable[int | str] = (),
+    tags: Iterable[str] = (),
+    servers: Iterable[int] = (),
+    everything: bool = False,
+) -> list[Agent]:
+    """The agents a fleet-wide action reaches: the union of agents by id or hostname, agents
+    with any of `tags`, agents of `servers`, or all of the user's. An id, hostname or server
+    that is not the user's is a 404 (as if it did not exist); a tag none of the user's agents
+    has, or an empty union, a 400. Ordered by hostname."""
+    visible = agents_visible_to(user)
+    chosen: dict[int, Agent] = {}
+    if everything:
+        chosen.update((agent.pk, agent) for agent in visible)
+    ids = {a for a in agents if isinstance(a, int)}
+    names = {a for a in agents if isinstance(a, str)}
+    if ids:
+        found = {agent.pk: agent for agent in visible.filter(pk__in=ids)}
+        if missing := ids - set(found):
+            raise exceptions.NotFound(f"No such agent: {sorted(missing)[0]}.")
+        chosen.update(found)
+    if names:
+        found_names = list(visible.filter(hostname__in=names))
+        if missing := names - {agent.hostname for agent in found_names}:
+            raise exceptions.NotFound(f"No such agent: {sorted(missing)[0]}.")
+        chosen.update((agent.pk, agent) for agent in found_names)
+    if servers := set(servers):
+        owned = set(servers_visible_to(user).filter(pk__in=servers).values_list("pk", flat=True))
+        if missing := servers - owned:
+            raise exceptions.NotFound(f"No such server: {sorted(missing)[0]}.")
+        chosen.update((agent.pk, agent) for agent in visible.filter(server_id__in=servers))
+    for tag in set(tags):
+        tagged = AgentFilter(tag=tag).apply(visible)
+        if not tagged:
+            raise exceptions.ValidationError(
+                {"targets": [f"No agent of yours has the tag {tag!r}."]}
+            )
+        chosen.update((agent.pk, agent) for agent in tagged)
+    if not chosen:
+        raise exceptions.ValidationError({"targets": ["The targets name no agent."]})
+    return sorted(chosen.values(), key=lambda agent: (agent.hostname, agent.pk))

@@ -257,6 +257,15 @@ def offline_cutoff(now: Any = None) -> Any:
     return (now or timezone.now()) - timedelta(seconds=3 * settings.HEARTBEAT_INTERVAL)
 
 
+def agent_is_online(agent: Agent) -> bool:
+    """Whether the agent can act now: online (or mid-upgrade) and heard from within the
+    offline threshold, so a sweep that has not caught up yet is not believed."""
+    return agent.status in ONLINE_STATUSES and heartbeat_is_fresh(agent)
+
+
+ONLINE_STATUSES = (Agent.Status.ONLINE, Agent.Status.UPGRADING)
+
+
 def heartbeat_is_fresh(agent: Agent) -> bool:
     """Heard from within the offline threshold: what the sweep would still call online."""
     return agent.last_heartbeat is not None and agent.last_heartbeat >= offline_cutoff()

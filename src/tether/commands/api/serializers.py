@@ -31,6 +31,7 @@ class CommandSummarySerializer(serializers.ModelSerializer):
             "error",
             "truncated",
             "cancel_requested",
+            "run",
             "created_by",
             "created_at",
             "delivered_at",

@@ -3,6 +3,7 @@
 from django.urls import include, path
 from rest_framework.routers import SimpleRouter
 
+from .runs import RunViewSet, run_stream
 from .stream import command_stream
 from .views import AgentCommandViewSet, CommandTemplateViewSet, CommandViewSet
 
@@ -10,8 +11,10 @@ router = SimpleRouter()
 router.register("agents/command-templates", CommandTemplateViewSet, basename="command-template")
 router.register("agents", AgentCommandViewSet, basename="agent-command")
 router.register("commands", CommandViewSet, basename="command")
+router.register("runs", RunViewSet, basename="run")
 
 urlpatterns = [
     path("commands/<int:command_id>/stream/", command_stream),
+    path("runs/<int:run_id>/stream/", run_stream),
     path("", include(router.urls)),
 ]

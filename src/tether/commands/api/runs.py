@@ -1,0 +1,372 @@
+"""Human API for runs (docs/runs.md): create, list, read, cancel, and the live stream."""
+
+import codecs
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import exceptions, mixins, serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from tether import wakeups
+from tether.db import run_db
+from tether.fleet.selectors import resolve_targets
+from tether.serializers import StrictBoolean, StrictInputMixin
+from tether.sse import KEEPALIVE, KEEPALIVE_SECONDS, event, open_stream
+
+from .. import command_templates, runs, states
+from ..models import Command, OutputChunk, Run
+from ..selectors import runs_visible_to, templates_visible_to
+from .serializers import MAX_COMMAND_CHARS
+
+PERCENT = re.compile(r"(\d{1,3})%")
+MAX_TARGET_NAMES = 10_000
+
+
+class Limit(serializers.Field):
+    """A count, or a percentage of the targets written "20%"."""
+
+    def __init__(self, *, minimum: int, **kwargs: Any) -> None:
+        self.minimum = minimum
+        super().__init__(**kwargs)
+
+    def to_internal_value(self, data: Any) -> int | str:
+        if isinstance(data, bool):
+            raise serializers.ValidationError('Give a number or a percentage such as "20%".')
+        if isinstance(data, int):
+            if not self.minimum <= data <= 1_000_000:
+                raise serializers.ValidationError(f"Must be {self.minimum} or more.")
+            return data
+        match = PERCENT.fullmatch(data) if isinstance(data, str) else None
+        if match is None:
+            raise serializers.ValidationError('Give a number or a percentage such as "20%".')
+        percent = int(match.group(1))
+        if not max(self.minimum, 0) <= percent <= 100 or (self.minimum and percent == 0):
+            raise serializers.ValidationError(f"A percentage from {self.minimum} to 100.")
+        return f"{percent}%"
+
+    def to_representation(self, value: Any) -> Any:
+        return value
+
+
+class TargetsInput(StrictInputMixin, serializers.Serializer):
+    agents = serializers.ListField(
+        child=serializers.JSONField(), required=False, max_length=MAX_TARGET_NAMES
+    )
+    tags = serializers.ListField(
+        child=serializers.CharField(max_length=64), required=False, max_length=100
+    )
+    servers = serializers.ListField(
+        child=serializers.IntegerField(min_value=1, max_value=2**62),
+        required=False,
+        max_length=MAX_TARGET_NAMES,
+    )
+    all = StrictBoolean(required=False)
+
+    def validate_agents(self, value: list[Any]) -> list[int | str]:
+        for item in value:
+            ok_id = isinstance(item, int) and not isinstance(item, bool) and 0 < item < 2**62
+            ok_name = isinstance(item, str) and 0 < len(item) <= 255
+            if not (ok_id or ok_name):
+                raise serializers.ValidationError("Give agent ids or hostnames.")
+        return value
+
+    def validate(self, data: dict[str, Any]) -> dict[str, Any]:
+        if not (data.get("agents") or data.get("tags") or data.get("servers") or data.get("all")):
+            raise serializers.ValidationError("Name at least one agent, tag or server, or all.")
+        return data
+
+
+class RunInput(StrictInputMixin, serializers.Serializer):
+    command = serializers.CharField(
+        max_length=MAX_COMMAND_CHARS, trim_whitespace=False, required=False
+    )
+    args = serializers.ListField(
+        child=serializers.CharField(
+            max_length=MAX_COMMAND_CHARS, trim_whitespace=False, allow_blank=True
+        ),
+        max_length=256,
+        required=False,
+        allow_null=True,
+    )
+    template = serializers.IntegerField(required=False, min_value=1, max_value=2**62)
+    params = serializers.DictField(required=False)
+    targets = TargetsInput()
+    timeout = serializers.IntegerField(
+        min_value=1, max_value=settings.COMMAND_TIMEOUT_MAX, required=False
+    )
+    max_concurrency = Limit(minimum=1, required=False)
+    max_errors = Limit(minimum=0, required=False, allow_null=True)
+    offline = serializers.ChoiceField(choices=Run.Offline.choices, default=Run.Offline.SKIP)
+
+    def validate(self, data: dict[str, Any]) -> dict[str, Any]:
+        if ("command" in data) == ("template" in data):
+            raise serializers.ValidationError("Give either `command` or `template`.")
+        if "template" in data and data.get("args"):
+            raise serializers.ValidationError("`args` cannot be combined with a template.")
+        if "params" in data and "template" not in data:
+            raise serializers.ValidationError("`params` only go with a template.")
+        if "command" in data and not data["command"].strip():
+            raise serializers.ValidationError({"command": ["This field may not be blank."]})
+        return data
+
+
+class RunTargetSerializer(serializers.ModelSerializer):
+    """One target of a run: its agent and the command it got."""
+
+    command = serializers.IntegerField(source="pk")
+    hostname = serializers.CharField(source="agent.hostname")
+    duration = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Command
+        fields = [
+            "agent",
+            "hostname",
+            "command",
+            "status",
+            "exit_code",
+            "error",
+            "started_at",
+            "finished_at",
+            "duration",
+        ]
+        read_only_fields = fields
+
+    def get_duration(self, command: Command) -> float | None:
+        if command.started_at is None or command.finished_at is None:
+            return None
+        return round((command.finished_at - command.started_at).total_seconds(), 3)
+
+
+class RunSummarySerializer(serializers.ModelSerializer):
+    """A run without its targets, for lists."""
+
+    created_by = serializers.CharField(source="created_by.username", read_only=True)
+    counts = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Run
+        fields = [
+            "id",
+            "status",
+            "reason",
+            "command",
+            "args",
+            "template",
+            "timeout",
+            "max_concurrency",
+            "max_errors",
+            "offline",
+            "counts",
+            "created_by",
+            "created_at",
+            "finished_at",
+        ]
+        read_only_fields = fields
+
+    def get_counts(self, run: Run) -> dict[str, int]:
+        return runs.run_counts(run)
+
+
+class RunSerializer(RunSummarySerializer):
+    """A run as read (docs/runs.md): with one row per target."""
+
+    targets = serializers.SerializerMethodField()
+
+    class Meta(RunSummarySerializer.Meta):
+        fields = [*RunSummarySerializer.Meta.fields, "targets"]
+        read_only_fields = fields
+
+    def get_targets(self, run: Run) -> list[dict[str, Any]]:
+        rows = run.commands.select_related("agent").order_by("agent__hostname", "id")
+        return RunTargetSerializer(rows, many=True).data
+
+
+class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
+    lookup_value_regex = r"\d+"
+
+    def get_queryset(self) -> QuerySet[Run]:
+        return runs_visible_to(self.request.user)
+
+    def get_serializer_class(self) -> type:
+        return RunSummarySerializer if self.action == "list" else RunSerializer
+
+    @extend_schema(
+        request=RunInput,
+        responses={201: RunSerializer, 200: RunSerializer},
+        parameters=[OpenApiParameter("Idempotency-Key", str, OpenApiParameter.HEADER)],
+    )
+    def create(self, request: Request) -> Response:
+        """Send one command to many agents; 201 with the run (200: a replayed key's run)."""
+        data = RunInput(data=request.data)
+        data.is_valid(raise_exception=True)
+        key = request.headers.get("Idempotency-Key", "").strip()
+        if len(key) > 200:
+            raise exceptions.ValidationError({"Idempotency-Key": ["At most 200 characters."]})
+        run_request = self._run_request(data.validated_data)
+        run, created = runs.create_run(
+            user=request.user,
+            request=run_request,
+            idempotency_key=key,
+            request_hash=run_request.fingerprint(request.data) if key else "",
+        )
+        answer = RunSerializer(run).data
+        return Response(answer, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
+
+    def _run_request(self, values: dict[str, Any]) -> runs.RunRequest:
+        targets = values["targets"]
+        agents = resolve_targets(
+            self.request.user,
+            agents=targets.get("agents", []),
+            tags=targets.get("tags", []),
+            servers=targets.get("servers", []),
+            everything=targets.get("all", False),
+        )
+        template = None
+        command, args, timeout = values.get("command"), values.get("args"), values.get("timeout")
+        if "template" in values:
+            template = templates_visible_to(self.request.user).filter(pk=values["template"]).first()
+            if template is None:
+                raise exceptions.NotFound("No such template.")
+            try:
+                command = command_templates.render(
+                    template.command, template.parameters, values.get("params", {})
+                )
+            except command_templates.TemplateError as exc:
+                raise exceptions.ValidationError({"params": [str(exc)]}) from exc
+            timeout = timeout or template.timeout
+        return runs.RunRequest(
+            agents=agents,
+            command=command,
+            args=args,
+            timeout=timeout or settings.COMMAND_TIMEOUT_DEFAULT,
+            max_concurrency=values.get("max_concurrency"),
+            max_errors=values.get("max_errors"),
+            offline=values["offline"],
+            template=template,
+        )
+
+    @extend_schema(request=None, responses={202: RunSerializer})
+    @action(detail=True, methods=["post"])
+    def cancel(self, request: Request, pk: str) -> Response:
+        """Cancel: targets not started end at once, running ones are killed by their agents."""
+        run = runs.cancel_run(run=self.get_object(), user=request.user)
+        return Response(RunSerializer(run).data, status=status.HTTP_202_ACCEPTED)
+
+
+# ---------------------------------------------------------------------------------------------
+# The live stream
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunSnapshot:
+    run: Run
+    counts: dict[str, int]
+    targets: list[tuple[int, int, str, str, int | None]]  # command, agent, hostname, status, exit
+    chunks: list[tuple[int, int, str, int, bytes]] = field(default_factory=list)
+
+
+def _snapshot(run_id: int, after_chunk: int) -> RunSnapshot:
+    # Targets first, then chunks: a target seen final has every chunk committed.
+    run = Run.objects.get(pk=run_id)
+    targets = list(
+        Command.objects.filter(run_id=run_id)
+        .order_by("agent__hostname", "id")
+        .values_list("id", "agent_id", "agent__hostname", "status", "exit_code")
+    )
+    chunks = list(
+        OutputChunk.objects.filter(command__run_id=run_id, id__gt=after_chunk)
+        .order_by("id")
+        .values_list("id", "command_id", "stream", "offset", "data")
+    )
+    return RunSnapshot(run=run, counts=runs.run_counts(run), targets=targets, chunks=chunks)
+
+
+async def run_events(run_id: int) -> AsyncIterator[str]:
+    """`output`, `status`, `counts`, then `end` (docs/runs.md). Each byte of each target's
+    output is sent once: chunks are read in the order they were stored, and any part of one
+    already sent (an older agent's output stored again whole) is skipped."""
+    last_chunk = 0
+    sent: dict[tuple[int, str], int] = {}
+    decoders: dict[tuple[int, str], Any] = {}
+    statuses: dict[int, str] = {}
+    last_counts: dict[str, int] | None = None
+    last_sent = time.monotonic()
+    with wakeups.subscribe(runs.run_key(run_id)) as waiter:
+        while True:
+            snap = await run_db(_snapshot, run_id, last_chunk)
+            hosts = {command: (agent, host) for command, agent, host, _, _ in snap.targets}
+            for chunk_id, command_id, stream, offset, data in snap.chunks:
+                last_chunk = chunk_id
+                key = (command_id, stream)
+                data = bytes(data)[max(0, sent.get(key, 0) - offset) :]
+                if not data:
+                    continue
+                start = max(offset, sent.get(key, 0))
+                sent[key] = start + len(data)
+                decoder = decoders.setdefault(key, codecs.getincrementaldecoder("utf-8")("replace"))
+                text = decoder.decode(data)
+                if text:
+                    agent, host = hosts.get(command_id, (None, ""))
+                    yield event(
+                        "output",
+                        {
+                            "command": command_id,
+                            "agent": agent,
+                            "hostname": host,
+                            "stream": stream,
+                            "offset": start,
+                            "data": text,
+                        },
+                    )
+                    last_sent = time.monotonic()
+            for command_id, agent, host, state, exit_code in snap.targets:
+                if statuses.get(command_id) != state:
+                    statuses[command_id] = state
+                    yield event(
+                        "status",
+                        {
+                            "command": command_id,
+                            "agent": agent,
+                            "hostname": host,
+                            "status": state,
+                            "exit_code": exit_code,
+                        },
+                    )
+                    last_sent = time.monotonic()
+            if snap.counts != last_counts:
+                last_counts = snap.counts
+                yield event("counts", {"status": snap.run.status, "counts": snap.counts})
+                last_sent = time.monotonic()
+            if snap.run.status != Run.Status.RUNNING and all(
+                states.is_final(state) for state in statuses.values()
+            ):
+                run = snap.run
+                yield event(
+                    "end",
+                    {
+                        "id": run.pk,
+                        "status": run.status,
+                        "reason": run.reason,
+                        "counts": snap.counts,
+                    },
+                )
+                return
+            await waiter.wait(settings.POLL_RECHECK)
+            if time.monotonic() - last_sent > KEEPALIVE_SECONDS:
+                yield KEEPALIVE
+                last_sent = time.monotonic()
+
+
+async def run_stream(request: HttpRequest, run_id: int) -> HttpResponse:
+    return await open_stream(request, runs_visible_to, run_id, run_events)
