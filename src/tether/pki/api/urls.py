@@ -3,12 +3,13 @@
 from django.urls import include, path
 from rest_framework.routers import SimpleRouter
 
-from .views import AgentCertificateViewSet, check_status
+from .views import AgentCertificateViewSet, check_status, check_status_many
 
 router = SimpleRouter()
 router.register("agents", AgentCertificateViewSet, basename="agent-certificate")
 
 urlpatterns = [
+    path("agents/check_status/", check_status_many),
     path("agents/<int:agent_id>/check_status/", check_status),
     path("", include(router.urls)),
 ]

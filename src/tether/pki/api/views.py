@@ -3,6 +3,7 @@
 a socket, not on one of the server's threads (DRF views run on Django's one sync thread)."""
 
 import json
+from typing import Any
 
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
@@ -13,12 +14,13 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from tether.commands.api.runs import TargetsInput
 from tether.db import run_db
 from tether.errors import json_error
 from tether.fleet.agent_views import error_response
 from tether.fleet.api.views import AgentActionViewSet
 from tether.fleet.models import Agent
-from tether.fleet.selectors import agents_visible_to
+from tether.fleet.selectors import agents_visible_to, resolve_targets
 from tether.serializers import StrictBoolean, StrictInputMixin
 from tether.sse import authenticated_user
 
@@ -101,6 +103,52 @@ async def check_status(request: HttpRequest, agent_id: int) -> HttpResponse:
     return JsonResponse(answer)
 
 
+class FleetCheckInput(StrictInputMixin, serializers.Serializer):
+    targets = TargetsInput()
+
+
+def _fleet_targets(request: HttpRequest) -> dict[str, Any]:
+    """Authorize and validate a fleet-wide check: the agents as a run would resolve them."""
+    user = authenticated_user(request)
+    try:
+        body = json.loads(request.body or b"{}")
+    except ValueError as exc:
+        raise exceptions.ParseError("The body is not JSON.") from exc
+    data = FleetCheckInput(data=body)
+    data.is_valid(raise_exception=True)
+    targets = data.validated_data["targets"]
+    agents = resolve_targets(
+        user,
+        agents=targets.get("agents", []),
+        tags=targets.get("tags", []),
+        servers=targets.get("servers", []),
+        everything=targets.get("all", False),
+    )
+    return {"agents": agents, "targets": services.rpc_targets(agents)}
+
+
+@csrf_exempt
+async def check_status_many(request: HttpRequest) -> HttpResponse:
+    """`POST /api/agents/check_status/` `{targets}`: every target's reachability, asked
+    concurrently; one row per agent (as check_status answers) and counts."""
+    if request.method != "POST":
+        return json_error("method_not_allowed", f"Method {request.method} not allowed.", 405)
+    try:
+        found = await run_db(_fleet_targets, request)
+    except exceptions.APIException as exc:
+        return error_response(exc)
+    answers = await services.check_many(found["targets"])
+    statuses = await run_db(services.record_status_checks, answers)
+    rows = []
+    for agent in found["agents"]:
+        answer = answers[agent.pk]
+        rows.append({"agent": agent.pk, "hostname": agent.hostname, **answer})
+        rows[-1]["status"] = statuses[agent.pk]
+    reachable = sum(row["reachable"] for row in rows)
+    counts = {"total": len(rows), "reachable": reachable, "unreachable": len(rows) - reachable}
+    return JsonResponse({"counts": counts, "results": rows})
+
+
 class CheckStatusSchema(APIView):
     """check_status in the API schema. drf-spectacular documents DRF views only, and
     check_status must stay a native async view; this class describes it and serves nothing
@@ -119,3 +167,20 @@ class CheckStatusSchema(APIView):
 # What drf-spectacular's endpoint enumerator reads of a DRF view (APIView.as_view sets both).
 check_status.cls = CheckStatusSchema  # type: ignore[attr-defined]
 check_status.initkwargs = {}  # type: ignore[attr-defined]
+
+
+class FleetCheckSchema(APIView):
+    """check_status_many in the API schema (see CheckStatusSchema)."""
+
+    @extend_schema(
+        operation_id="agents_check_status_many",
+        request=FleetCheckInput,
+        responses={200: OpenApiResponse(description="counts and one status check per agent")},
+        tags=["agents"],
+    )
+    def post(self, request: Request) -> Response:
+        raise exceptions.MethodNotAllowed("POST")
+
+
+check_status_many.cls = FleetCheckSchema  # type: ignore[attr-defined]
+check_status_many.initkwargs = {}  # type: ignore[attr-defined]
