@@ -14,6 +14,7 @@ log = logging.getLogger("tether.sweeper")
 def sweep_once() -> tuple[int, int]:
     from tether.commands.runs import advance_open_runs
     from tether.commands.services import mark_lost_commands
+    from tether.deploy.rollouts import advance_open_rollouts
     from tether.deploy.services import expire_deployments
     from tether.fleet.services import mark_offline_agents
     from tether.pki.services import renew_expiring
@@ -21,6 +22,7 @@ def sweep_once() -> tuple[int, int]:
     offline, lost = mark_offline_agents(), mark_lost_commands()
     # Runs move on with each target's end; this only catches one a crash left behind.
     advance_open_runs()
+    advance_open_rollouts()
     expired = expire_deployments()
     if expired:
         log.info("sweep: %d deployment(s) past their deadline", expired)

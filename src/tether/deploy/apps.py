@@ -9,7 +9,7 @@ class DeployConfig(AppConfig):
         from tether.commands import hooks as command_hooks
         from tether.fleet import hooks as fleet_hooks
 
-        from . import services
+        from . import hooks, rollouts, services
 
         # An internal command's result moves its deployment on (a stop acknowledged, an
         # upgrade swapped in, a failure); a new version reported ends an upgrade; an SSH
@@ -17,3 +17,5 @@ class DeployConfig(AppConfig):
         command_hooks.command_finished.connect(services.internal_command_finished)
         fleet_hooks.agent_changed.connect(services.agent_changed)
         fleet_hooks.enrollment_for_token.connect(services.enrollment_for_token)
+        # A rolling upgrade's next wave starts when the deployments of its wave have ended.
+        hooks.deployment_finished.connect(rollouts.advance_rollout)

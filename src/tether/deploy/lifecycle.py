@@ -63,13 +63,19 @@ def _longest_running(agent: Agent) -> float:
 
 
 def request_deployment(
-    *, kind: str, server: Server, agent: Agent | None, user: Any, server_url: str
+    *,
+    kind: str,
+    server: Server,
+    agent: Agent | None,
+    user: Any,
+    server_url: str,
+    rollout: Any = None,
 ) -> Deployment:
     """Start an install, upgrade, stop or start (one transaction): supersede what is active,
     choose the method (through the agent when it is online and can, over SSH otherwise), and
     hand the work to the agent (an internal command) or to a background worker (SSH)."""
     try:
-        return _request_deployment(kind, server, agent, user, server_url)
+        return _request_deployment(kind, server, agent, user, server_url, rollout)
     except IntegrityError as exc:
         # Only when two requests for one agent raced past each other (PostgreSQL, no row
         # lock held yet): the database kept one; this one says so.
@@ -79,7 +85,7 @@ def request_deployment(
 
 
 def _request_deployment(
-    kind: str, server: Server, agent: Agent | None, user: Any, server_url: str
+    kind: str, server: Server, agent: Agent | None, user: Any, server_url: str, rollout: Any
 ) -> Deployment:
     with transaction.atomic():
         if agent is not None:
@@ -106,6 +112,7 @@ def _request_deployment(
             target_version=agent_version() if kind in (K.INSTALL, K.UPGRADE) else "",
             server_url=server_url,
             deadline=timezone.now() + timedelta(seconds=budget) if budget else None,
+            rollout=rollout,
         )
         if method == M.AGENT:
             verb = "upgrade to " + deployment.target_version if kind == K.UPGRADE else kind

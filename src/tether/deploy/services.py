@@ -22,6 +22,7 @@ from tether.fleet import credentials
 from tether.fleet.models import Agent, Server
 from tether.fleet.services import Enrollment, heartbeat_is_fresh
 
+from . import hooks
 from .models import Deployment
 
 S = Deployment.Status
@@ -47,11 +48,13 @@ def create_deployment(
     target_version: str = "",
     server_url: str = "",
     deadline: datetime | None = None,
+    rollout: Any = None,
 ) -> Deployment:
     """Record a deployment and its audit line; the caller hands the work to the agent or to a
     worker."""
     with transaction.atomic():
         deployment = Deployment.objects.create(
+            rollout=rollout,
             server=server,
             agent=agent,
             kind=kind,
@@ -108,6 +111,9 @@ def finish_deployment(*, deployment: Deployment, status: str, line: str = "") ->
         deployment.save()
         _settle_agent_status(deployment)
         wakeups.notify_on_commit(deployment_key(deployment.pk))
+        if deployment.rollout_id is not None:
+            ended = deployment
+            transaction.on_commit(lambda: hooks.deployment_finished.send(deployment=ended))
     return deployment
 
 
