@@ -1,0 +1,1 @@
+"""tetherctl: the operator's terminal client over Tether's REST API."""
