@@ -46,13 +46,14 @@ def json_error(code: str, message: str, status_code: int, **extra: Any) -> JsonR
     return JsonResponse(error_body(code, message, **extra), status=status_code)
 
 
-def _first_message(detail: Any) -> str:
+def first_message(detail: Any) -> str:
+    """The one line an error body's `message` says (`field: problem`), for the pages too."""
     if isinstance(detail, dict):
         for key, value in detail.items():
-            inner = _first_message(value)
+            inner = first_message(value)
             return inner if key == "non_field_errors" else f"{key}: {inner}"
     if isinstance(detail, list) and detail:
-        return _first_message(detail[0])
+        return first_message(detail[0])
     return str(detail)
 
 
@@ -72,11 +73,11 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     if isinstance(exc, TetherError):
         response.data = error_body(exc.error_code, str(exc.detail), **exc.extra)
     elif isinstance(exc, exceptions.ValidationError):
-        response.data = error_body("invalid", _first_message(exc.detail), fields=exc.detail)
+        response.data = error_body("invalid", first_message(exc.detail), fields=exc.detail)
     else:
         codes = exc.get_codes() if isinstance(exc, exceptions.APIException) else "error"
         code = codes if isinstance(codes, str) else "error"
-        response.data = error_body(code, _first_message(response.data.get("detail", exc)))
+        response.data = error_body(code, first_message(response.data.get("detail", exc)))
     return response
 
 

@@ -1,11 +1,14 @@
 """Questions about commands and templates, asked the same way by the API, pages and streams."""
 
+from collections.abc import Iterable
+
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import QuerySet
+from django.db.models import Count, QuerySet
 
 from tether.accounts.selectors import owned_by
 from tether.fleet.models import Agent
 
+from . import states
 from .models import Command, CommandTemplate, Run
 
 HISTORY_LENGTH = 50
@@ -21,6 +24,33 @@ def runs_visible_to(user: AbstractBaseUser) -> QuerySet[Run]:
     """The runs `user` started (staff: everyone's). A run may reach agents of several
     owners only for staff, so it is its creator's."""
     return owned_by(user, Run.objects.select_related("created_by"), "created_by")
+
+
+def run_targets(run: Run) -> QuerySet[Command]:
+    """A run's targets with their agents and servers, by hostname (the run page's grid)."""
+    return run.commands.select_related("agent__server").order_by("agent__hostname", "id")
+
+
+# Targets not started count as `queued` (docs/runs.md), as runs.run_counts counts them.
+NOT_STARTED_YET = frozenset({Command.Status.HELD, Command.Status.QUEUED, Command.Status.DELIVERED})
+
+
+def target_counts(run_ids: Iterable[int]) -> dict[int, dict[str, int]]:
+    """`runs.run_counts` of several runs at once (a page of the runs history), from one
+    query: {run id: {"total", "queued", "running", and one per final state}}."""
+    ids = list(run_ids)
+    empty = {"queued": 0, "running": 0, **{status.value: 0 for status in states.FINAL}}
+    counts = {run_id: {**empty, "total": 0} for run_id in ids}
+    rows = (
+        Command.objects.filter(run_id__in=ids)
+        .values_list("run_id", "status")
+        .annotate(n=Count("id"))
+        .values_list("run_id", "status", "n")
+    )
+    for run_id, status, n in rows:
+        counts[run_id]["queued" if status in NOT_STARTED_YET else status] += n
+        counts[run_id]["total"] += n
+    return counts
 
 
 def templates_visible_to(user: AbstractBaseUser) -> QuerySet[CommandTemplate]:

@@ -1,12 +1,15 @@
-"""Form input for the pages: the command form and the template and server editors."""
+"""Form input for the pages: the command forms (one agent, many) and the template and server
+editors."""
 
 import json
+import re
 from typing import Any
 
 from django import forms
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.http import QueryDict
+from rest_framework import exceptions
 
 from tether.commands import command_templates
 from tether.commands.api.serializers import MAX_COMMAND_CHARS
@@ -16,8 +19,8 @@ from tether.commands.selectors import (
     template_name_taken,
     templates_visible_to,
 )
-from tether.fleet.models import Server
-from tether.fleet.selectors import server_name_taken
+from tether.fleet.models import Agent, Server
+from tether.fleet.selectors import AgentFilter, agents_visible_to, server_name_taken
 from tether.fleet.validators import NAME_TAKEN
 
 PARAM_PREFIX = "param_"
@@ -44,6 +47,13 @@ class RunCommandForm(forms.Form):
         return data
 
 
+def chosen_template(user: AbstractBaseUser, value: str) -> CommandTemplate | None:
+    """The template a form's `template` field names, if it is one of the user's."""
+    if not value.isdigit() or len(value) > 18:
+        return None
+    return templates_visible_to(user).filter(pk=int(value)).first()
+
+
 def template_values(template: CommandTemplate, data: QueryDict) -> dict[str, Any]:
     """The parameter values posted as `param_<name>`; blank ones are left out so that the
     template's defaults apply."""
@@ -55,6 +65,73 @@ def template_values(template: CommandTemplate, data: QueryDict) -> dict[str, Any
         elif data.get(key, "") != "":
             values[spec["name"]] = data[key]
     return values
+
+
+def posted_template(template: CommandTemplate | None, data: QueryDict) -> dict[str, Any] | None:
+    """The chosen template for the parameter inputs, each showing the value just posted (a
+    refused form comes back with what was typed) instead of the template's default."""
+    if template is None:
+        return None
+    parameters = []
+    for spec in template.parameters:
+        key = PARAM_PREFIX + spec["name"]
+        if spec["type"] == "boolean":
+            shown = "true" if key in data else "false"
+        else:
+            shown = data.get(key, spec.get("default"))
+        parameters.append({**spec, "default": shown})
+    return {"command": template.command, "parameters": parameters}
+
+
+WHOLE_NUMBER = re.compile(r"\s*-?\d{1,30}\s*")
+
+
+def _number(text: str) -> int | str:
+    """A typed whole number as a number (the API's JSON would carry one); anything else as
+    typed, for the API's own validation to refuse with its own message."""
+    return int(text) if WHOLE_NUMBER.fullmatch(text) else text.strip()
+
+
+def run_body(data: QueryDict, user: AbstractBaseUser) -> dict[str, Any]:
+    """The `POST /api/runs/` body that the "Run on many" form stands for. The page validates
+    it with the API's own `RunInput`, so it refuses what the API refuses, with the API's
+    messages. Its targets are the API's union (checked agents, tags, all) plus one the API
+    has no word for, "every agent that is <status>", sent as those agents' ids."""
+    body: dict[str, Any] = {}
+    if data.get("command", "") != "":
+        body["command"] = data["command"]
+    if data.get("template", "") != "":
+        body["template"] = _number(data["template"])
+        template = chosen_template(user, data["template"])
+        if template is not None:
+            body["params"] = template_values(template, data)
+    for name in ("timeout", "max_concurrency", "max_errors", "offline"):
+        if data.get(name, "").strip():
+            body[name] = _number(data[name]) if name != "offline" else data[name]
+    body["targets"] = _targets(data, user)
+    return body
+
+
+def _targets(data: QueryDict, user: AbstractBaseUser) -> dict[str, Any]:
+    targets: dict[str, Any] = {}
+    agents: list[int | str] = [_number(value) for value in data.getlist("agents") if value]
+    status = data.get("agent_status", "")
+    if status:
+        if status not in Agent.Status.values:
+            raise exceptions.ValidationError({"agent_status": [f"No such status: {status!r}."]})
+        having = AgentFilter(status=status).apply(agents_visible_to(user))
+        ids = list(having.values_list("pk", flat=True))
+        if not ids:
+            raise exceptions.ValidationError({"targets": [f"No agent of yours is {status}."]})
+        agents.extend(ids)
+    if agents:
+        targets["agents"] = list(dict.fromkeys(agents))
+    tags = [tag for tag in re.split(r"[,\s]+", data.get("tags", "")) if tag]
+    if tags:
+        targets["tags"] = list(dict.fromkeys(tags))
+    if data.get("all"):
+        targets["all"] = True
+    return targets
 
 
 class TemplateForm(forms.ModelForm):

@@ -3,7 +3,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from . import setup_views, views
+from . import run_views, setup_views, views
 
 app_name = "web"
 
@@ -28,6 +28,12 @@ urlpatterns = [
     path("agents/<int:agent_id>/template-params/", views.template_params, name="template-params"),
     path("commands/<int:command_id>/", views.command_detail, name="command"),
     path("commands/<int:command_id>/cancel/", views.command_cancel, name="command-cancel"),
+    path("commands/<int:command_id>/console/", views.command_console, name="command-console"),
+    path("runs/", run_views.runs_page, name="runs"),
+    path("runs/agents/", run_views.run_picker, name="run-picker"),
+    path("runs/template-params/", run_views.run_template_params, name="run-template-params"),
+    path("runs/<int:run_id>/", run_views.run_detail, name="run"),
+    path("runs/<int:run_id>/cancel/", run_views.run_cancel, name="run-cancel"),
     path("deployments/<int:deployment_id>/", views.deployment_detail, name="deployment"),
     path("servers/", setup_views.servers, name="servers"),
     path("servers/<int:server_id>/rotate/", setup_views.server_rotate, name="server-rotate"),

@@ -20,7 +20,8 @@ from rest_framework import exceptions
 
 from tether.commands import output
 from tether.commands import services as command_services
-from tether.commands.selectors import command_history, commands_visible_to, templates_visible_to
+from tether.commands.models import Command
+from tether.commands.selectors import command_history, commands_visible_to
 from tether.commands.states import is_final
 from tether.deploy import lifecycle
 from tether.deploy.models import Deployment
@@ -29,7 +30,7 @@ from tether.fleet.models import Agent
 from tether.fleet.selectors import AgentFilter, agents_visible_to, count_by_status
 from tether.pki import services as pki_services
 
-from .forms import RunCommandForm, template_values
+from .forms import RunCommandForm, chosen_template, template_values
 
 K = Deployment.Kind
 LIFECYCLE_ACTIONS = (K.UPGRADE, K.STOP, K.START)
@@ -46,7 +47,7 @@ def static_file(request: HttpRequest, path: str) -> HttpResponse:
         raise Http404 from exc
 
 
-def _filtered_agents(request: HttpRequest) -> QuerySet[Agent]:
+def filtered_agents(request: HttpRequest) -> QuerySet[Agent]:
     """The fleet page's filters are the API's (AgentFilter); a status the page does not know
     is left out rather than refused."""
     status = request.GET.get("status", "")
@@ -60,7 +61,7 @@ def _filtered_agents(request: HttpRequest) -> QuerySet[Agent]:
 
 def _fleet_context(request: HttpRequest) -> dict[str, Any]:
     return {
-        "agents": _filtered_agents(request),
+        "agents": filtered_agents(request),
         "counts": count_by_status(agents_visible_to(request.user)),
         "statuses": Agent.Status.values,
         "filters": {key: request.GET.get(key, "") for key in ("status", "q", "tag")},
@@ -115,10 +116,7 @@ def agent_history(request: HttpRequest, agent_id: int) -> HttpResponse:
 def template_params(request: HttpRequest, agent_id: int) -> HttpResponse:
     """The parameter inputs of the chosen template, swapped into the command form."""
     get_object_or_404(agents_visible_to(request.user), pk=agent_id)
-    chosen = request.GET.get("template", "")
-    template = None
-    if chosen.isdigit():
-        template = templates_visible_to(request.user).filter(pk=int(chosen)).first()
+    template = chosen_template(request.user, request.GET.get("template", ""))
     return render(request, "web/_template_params.html", {"template": template})
 
 
@@ -181,13 +179,26 @@ def _message(exc: exceptions.APIException) -> str:
 @require_GET
 def command_detail(request: HttpRequest, command_id: int) -> HttpResponse:
     command = get_object_or_404(commands_visible_to(request.user), pk=command_id)
-    context = {
+    return render(request, "web/command.html", _console_context(command))
+
+
+@login_required
+@require_GET
+def command_console(request: HttpRequest, command_id: int) -> HttpResponse:
+    """One command's console alone (a run's row opened in its grid): the stored output of a
+    finished command, or the live stream of one still running."""
+    command = get_object_or_404(commands_visible_to(request.user), pk=command_id)
+    return render(request, "web/_console.html", _console_context(command))
+
+
+def _console_context(command: Command) -> dict[str, Any]:
+    final = is_final(command.status)
+    return {
         "command": command,
-        "final": is_final(command.status),
-        "stdout": output.output_text(command, "stdout"),
-        "stderr": output.output_text(command, "stderr"),
+        "final": final,
+        "stdout": output.output_text(command, "stdout") if final else "",
+        "stderr": output.output_text(command, "stderr") if final else "",
     }
-    return render(request, "web/command.html", context)
 
 
 @login_required

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from django.conf import settings
+from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
 from drf_spectacular.utils import OpenApiParameter, extend_schema
@@ -191,6 +192,43 @@ class RunSerializer(RunSummarySerializer):
         return RunTargetSerializer(rows, many=True).data
 
 
+def run_request(user: AbstractBaseUser, values: dict[str, Any]) -> runs.RunRequest:
+    """What `RunInput`'s validated values ask for, with the targets and the template resolved
+    as `user` may see them (the API and the "Run on many" page alike): another user's
+    agent, server or template is a 404; a template's values that do not fit, a 400."""
+    targets = values["targets"]
+    agents = resolve_targets(
+        user,
+        agents=targets.get("agents", []),
+        tags=targets.get("tags", []),
+        servers=targets.get("servers", []),
+        everything=targets.get("all", False),
+    )
+    template = None
+    command, args, timeout = values.get("command"), values.get("args"), values.get("timeout")
+    if "template" in values:
+        template = templates_visible_to(user).filter(pk=values["template"]).first()
+        if template is None:
+            raise exceptions.NotFound("No such template.")
+        try:
+            command = command_templates.render(
+                template.command, template.parameters, values.get("params", {})
+            )
+        except command_templates.TemplateError as exc:
+            raise exceptions.ValidationError({"params": [str(exc)]}) from exc
+        timeout = timeout or template.timeout
+    return runs.RunRequest(
+        agents=agents,
+        command=command,
+        args=args,
+        timeout=timeout or settings.COMMAND_TIMEOUT_DEFAULT,
+        max_concurrency=values.get("max_concurrency"),
+        max_errors=values.get("max_errors"),
+        offline=values["offline"],
+        template=template,
+    )
+
+
 class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet):
     lookup_value_regex = r"\d+"
 
@@ -212,48 +250,15 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         key = request.headers.get("Idempotency-Key", "").strip()
         if len(key) > 200:
             raise exceptions.ValidationError({"Idempotency-Key": ["At most 200 characters."]})
-        run_request = self._run_request(data.validated_data)
+        wanted = run_request(request.user, data.validated_data)
         run, created = runs.create_run(
             user=request.user,
-            request=run_request,
+            request=wanted,
             idempotency_key=key,
-            request_hash=run_request.fingerprint(request.data) if key else "",
+            request_hash=wanted.fingerprint(request.data) if key else "",
         )
         answer = RunSerializer(run).data
         return Response(answer, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
-
-    def _run_request(self, values: dict[str, Any]) -> runs.RunRequest:
-        targets = values["targets"]
-        agents = resolve_targets(
-            self.request.user,
-            agents=targets.get("agents", []),
-            tags=targets.get("tags", []),
-            servers=targets.get("servers", []),
-            everything=targets.get("all", False),
-        )
-        template = None
-        command, args, timeout = values.get("command"), values.get("args"), values.get("timeout")
-        if "template" in values:
-            template = templates_visible_to(self.request.user).filter(pk=values["template"]).first()
-            if template is None:
-                raise exceptions.NotFound("No such template.")
-            try:
-                command = command_templates.render(
-                    template.command, template.parameters, values.get("params", {})
-                )
-            except command_templates.TemplateError as exc:
-                raise exceptions.ValidationError({"params": [str(exc)]}) from exc
-            timeout = timeout or template.timeout
-        return runs.RunRequest(
-            agents=agents,
-            command=command,
-            args=args,
-            timeout=timeout or settings.COMMAND_TIMEOUT_DEFAULT,
-            max_concurrency=values.get("max_concurrency"),
-            max_errors=values.get("max_errors"),
-            offline=values["offline"],
-            template=template,
-        )
 
     @extend_schema(request=None, responses={202: RunSerializer})
     @action(detail=True, methods=["post"])

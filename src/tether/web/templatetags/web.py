@@ -35,6 +35,27 @@ def duration(command: object) -> str:
     return f"{(end - start).total_seconds():.1f} s"
 
 
+SUMMARY_ORDER = [
+    "succeeded",
+    "failed",
+    "timed_out",
+    "lost",
+    "cancelled",
+    "skipped",
+    "running",
+    "queued",
+]
+
+
+@register.filter
+def count_summary(counts: dict[str, int]) -> str:
+    """A run's counts in a line: '5 targets: 3 succeeded, 1 failed, 1 running'."""
+    parts = [f"{counts[name]} {name}" for name in SUMMARY_ORDER if counts.get(name)]
+    total = counts.get("total", 0)
+    head = f"{total} target{'' if total == 1 else 's'}"
+    return f"{head}: {', '.join(parts)}" if parts else head
+
+
 @register.simple_tag
 def fleet_rows(agents: Iterable[Any]) -> str:
     """The fleet table's rows. Built in Python, not with the template language: the page

@@ -1,10 +1,10 @@
-// Live parts of the pages: a command's output and a deployment's log follow the API's
-// Server-Sent Events streams (the session cookie authenticates them). Everything received
-// is written with textContent: output is text, never HTML.
+// Live parts of the pages: a command's output, a deployment's log and a run's grid follow the
+// API's Server-Sent Events streams (the session cookie authenticates them). Everything
+// received is written with textContent: output is text, never HTML.
 (function () {
   "use strict";
 
-  var FINAL = ["succeeded", "failed", "timed_out", "cancelled", "lost"];
+  var FINAL = ["succeeded", "failed", "timed_out", "cancelled", "lost", "skipped"];
 
   function field(root, name) {
     return root.querySelector('[data-field="' + name + '"]');
@@ -101,6 +101,81 @@
     });
   }
 
+  // A run: the counts at the top follow `counts`, each row of the grid shown on this page
+  // follows its target's `status` (rows of other pages are not on it: their events pass by).
+  function followRun(root) {
+    if (root.dataset.started || root.hasAttribute("data-final")) return;
+    root.dataset.started = "1";
+    var source = follow(root);
+    source.addEventListener("status", function (message) {
+      var target = JSON.parse(message.data);
+      var row = document.querySelector('.run-grid tr[data-command="' + target.command + '"]');
+      if (row && row.dataset.status !== target.status) showTarget(row, target);
+    });
+    source.addEventListener("counts", function (message) {
+      var update = JSON.parse(message.data);
+      showCounts(root, update.counts);
+      setBadge(field(root, "status"), update.status);
+    });
+    source.addEventListener("end", function (message) {
+      source.close();
+      var end = JSON.parse(message.data);
+      showCounts(root, end.counts);
+      setBadge(field(root, "status"), end.status);
+      var reason = field(root, "reason");
+      reason.textContent = end.reason || "";
+      reason.hidden = !end.reason;
+      var cancel = root.querySelector("[data-cancel]");
+      if (cancel) cancel.hidden = true;
+      root.setAttribute("data-final", "");
+    });
+  }
+
+  function showCounts(root, counts) {
+    root.querySelectorAll("[data-count]").forEach(function (counter) {
+      var count = counts[counter.dataset.count];
+      if (count !== undefined) counter.textContent = count;
+    });
+  }
+
+  function showTarget(row, target) {
+    row.dataset.status = target.status;
+    setBadge(field(row, "status"), target.status);
+    field(row, "exit").textContent = target.exit_code === null ? "" : String(target.exit_code);
+    if (FINAL.indexOf(target.status) < 0) return;
+    fetch(row.dataset.detail, { credentials: "same-origin" })
+      .then(function (response) { return response.ok ? response.json() : null; })
+      .then(function (command) {
+        if (command && command.started_at) {
+          field(row, "duration").textContent = seconds(command.started_at, command.finished_at);
+        }
+      });
+  }
+
+  // A row of the grid opens its target's console below it, one at a time: a console that is
+  // still running holds a connection of its own, and browsers allow few per server.
+  function toggleOutput(row) {
+    var next = row.nextElementSibling;
+    var wasOpen = next && next.classList.contains("target-output");
+    row.parentNode.querySelectorAll("tr.target-output").forEach(function (detail) {
+      detail.querySelectorAll(".console").forEach(function (box) {
+        if (box.eventSource) box.eventSource.close();
+      });
+      var opener = detail.previousElementSibling.querySelector("[data-output]");
+      opener.setAttribute("aria-expanded", "false");
+      detail.remove();
+    });
+    if (wasOpen) return;
+    var detail = document.createElement("tr");
+    detail.className = "target-output";
+    var cell = document.createElement("td");
+    cell.colSpan = row.children.length;
+    detail.appendChild(cell);
+    row.after(detail);
+    row.querySelector("[data-output]").setAttribute("aria-expanded", "true");
+    htmx.ajax("GET", row.dataset.console, { target: cell, swap: "innerHTML" });
+  }
+
   function csrfToken() {
     var input = document.querySelector("input[name=csrfmiddlewaretoken]");
     return input ? input.value : "";
@@ -130,6 +205,7 @@
   function start(scope) {
     scope.querySelectorAll(".console[data-stream]").forEach(followCommand);
     scope.querySelectorAll(".deployment[data-stream]").forEach(followDeployment);
+    scope.querySelectorAll(".run-summary[data-stream]").forEach(followRun);
   }
 
   document.addEventListener("DOMContentLoaded", function () { start(document); });
@@ -141,10 +217,19 @@
   document.addEventListener("click", function (event) {
     var button = event.target.closest("[data-check-status]");
     if (button) checkStatus(button);
+    var row = event.target.closest(".run-grid tr[data-console]");
+    if (row && !event.target.closest("a, form")) toggleOutput(row);
     var copy = event.target.closest("[data-copy]");
     if (copy && navigator.clipboard) {
       navigator.clipboard.writeText(document.getElementById(copy.dataset.copy).value);
       copy.textContent = "Copied";
     }
+  });
+  document.addEventListener("change", function (event) {
+    var all = event.target.closest("[data-check-all]");
+    if (!all) return;
+    all.closest("table").querySelectorAll('input[name="agents"]').forEach(function (box) {
+      box.checked = all.checked;
+    });
   });
 })();
