@@ -85,8 +85,8 @@ class SshHost:
         return body
 
     def agents(self) -> list[dict]:
-        _, body = self.api.get("/api/agents/")
-        return [a for a in body["results"] if a["server"] == self.server_id]
+        _, body = self.api.get(f"/api/agents/?server={self.server_id}")
+        return body["results"]
 
     def agent(self, agent_id: int) -> dict:
         status, body = self.api.get(f"/api/agents/{agent_id}/")

@@ -69,6 +69,13 @@ class AgentsListTestCase(BaseTestCase):
         self.assertEqual(self.ids("?search=alice-db"), [self.db_agent.pk])
         self.assertEqual(self.ids("?search=bob"), [])
 
+    def test_it_filters_by_server(self) -> None:
+        self.assertEqual(self.ids(f"?server={self.db_server.pk}"), [self.db_agent.pk])
+        self.assertEqual(self.ids(f"?server={self.bob_server.pk}"), [])  # not Alice's
+        for bad in ("web", "-1", "9" * 40):
+            with self.subTest(server=bad):
+                self.assertError(self.client.get(f"/api/agents/?server={bad}"), 400, "invalid")
+
     def test_it_combines_filters(self) -> None:
         self.assertEqual(self.ids("?search=alice&status=offline"), [self.db_agent.pk])
         self.assertEqual(self.ids("?search=web&status=offline"), [])

@@ -34,11 +34,12 @@ def server_name_taken(*, owner: AbstractBaseUser, name: str, server: Server | No
 class AgentFilter:
     """How operators narrow the agent list, in the API (`?status=&search=&tag=`) and on the
     fleet page (`?status=&q=&tag=`) alike. `search` matches the hostname or the server's
-    name; `tag` one of the agent's tags exactly."""
+    name; `tag` one of the agent's tags exactly; `server` (API only) a server's id."""
 
     status: str = ""
     search: str = ""
     tag: str = ""
+    server: int | None = None
 
     def __post_init__(self) -> None:
         if self.status and self.status not in Agent.Status.values:
@@ -48,6 +49,8 @@ class AgentFilter:
         """The agents that pass every filter given."""
         if self.status:
             agents = agents.filter(status=self.status)
+        if self.server is not None:
+            agents = agents.filter(server_id=self.server)
         if self.search:
             agents = agents.filter(
                 Q(hostname__icontains=self.search) | Q(server__name__icontains=self.search)

@@ -87,11 +87,15 @@ class AgentViewSet(
 
     def get_queryset(self) -> QuerySet[Agent]:
         params = self.request.query_params
+        server = params.get("server", "")
+        if server and not (server.isdigit() and len(server) < 19):
+            raise exceptions.ValidationError({"server": ["Give a server id."]})
         try:
             chosen = AgentFilter(
                 status=params.get("status", ""),
                 search=params.get("search", ""),
                 tag=params.get("tag", ""),
+                server=int(server) if server else None,
             )
         except ValueError as exc:
             raise exceptions.ValidationError({"status": [str(exc)]}) from exc
