@@ -43,6 +43,9 @@ from urllib.parse import quote, urlsplit
 # ---------------------------------------------------------------------------------------------
 
 DEFAULT_STATE_DIR = "/var/lib/tether-agent"
+# The RPC endpoint's port unless told otherwise: unprivileged (no root needed), below the
+# kernel's ephemeral range (32768-60999), so no outgoing connection ever holds it.
+DEFAULT_RPC_PORT = 7443
 STREAMS = ("stdout", "stderr")
 
 BACKOFF_START = 0.2  # seconds; exponential with full jitter
@@ -115,11 +118,24 @@ def parse_args(argv=None):
     parser.add_argument("--state-dir", default=env("TETHER_STATE_DIR"))
     parser.add_argument("--max-concurrent", type=int, default=4)
     parser.add_argument("--kill-grace", type=float, default=5.0, help="seconds from TERM to KILL")
-    parser.add_argument("--rpc-port", type=int, default=0)
+    parser.add_argument(
+        "--rpc-port",
+        type=int,
+        default=None,
+        help="serve RPC on this port, or fail if it is taken (0: no RPC endpoint); default: "
+        "the port the server knows, else %d, else one the OS picks" % DEFAULT_RPC_PORT,
+    )
+    parser.add_argument("--no-rpc", action="store_true", help="serve no RPC endpoint")
     parser.add_argument("--ca-file", default=env("TETHER_CA_FILE"), help="CA bundle for HTTPS")
     args = parser.parse_args(argv)
     if args.max_concurrent < 1:
         parser.error("--max-concurrent must be at least 1")
+    if args.rpc_port is not None and not 0 <= args.rpc_port <= 65535:
+        parser.error("--rpc-port must be 0..65535")
+    if args.no_rpc and args.rpc_port:
+        parser.error("--no-rpc and --rpc-port %d contradict each other" % args.rpc_port)
+    if args.no_rpc:
+        args.rpc_port = 0  # None: the agent chooses; 0: no endpoint; N: the operator's port
     if args.config:
         # Written by the SSH installer; keeps the server token out of `ps` and unit files.
         config = read_json(args.config)
@@ -151,7 +167,7 @@ class Backoff:
 
 # ---------------------------------------------------------------------------------------------
 # State on disk
-#   credentials.json      who this agent is (0600)
+#   credentials.json      who this agent is, and the RPC port its server knows (0600)
 #   ca.pem                the server's CA, kept at registration: the pin for an https:// server
 #   tls.json              {"verify_ssl": false} while the server says not to verify it
 #   rpc.crt, rpc.key      the RPC endpoint's certificate and key (0600), from the server's CA
@@ -535,7 +551,7 @@ def register(agent):
         "version": __version__,
         "os": platform.system().lower(),
         "arch": platform.machine(),
-        "rpc_port": agent.args.rpc_port,
+        "rpc_port": agent.rpc_port(),
         "signing": "hmac-sha256",
     }
     backoff, refused_backoff = Backoff(), Backoff(cap=REGISTER_BACKOFF_CAP)
@@ -561,6 +577,9 @@ def register(agent):
                 "token": str(resp.data["token"]),
                 "secret_key": str(resp.data["secret_key"]),
             }
+            port = resp.data.get("rpc_port")
+            if isinstance(port, int) and 0 < port <= 65535:
+                creds["rpc_port"] = port  # the port the server knows: tried first after a restart
             save_credentials(agent.args.state_dir, creds)
             agent.client.credentials = creds
             agent.client.pin_ca(resp.data.get("ca_certificate"))
@@ -587,9 +606,11 @@ def poll_forever(agent):
         if agent.pending_upgrade:
             confirm_upgrade(agent)
         wait = float(agent.config.get("long_poll_timeout") or 0) if agent.config_known else 0.0
-        query = "wait=%s&version=%s" % (_seconds(wait), quote(__version__))
-        if agent.args.rpc_port > 0:
-            query += "&rpc_port=%d" % agent.args.rpc_port
+        query = "wait=%s&version=%s&rpc_port=%d" % (
+            _seconds(wait),
+            quote(__version__),
+            agent.rpc_port(),
+        )
         path = "/api/agents/poll_commands/?" + query
         started = time.monotonic()
         agent.woken.clear()  # a wake from now on asks for the poll after this one
@@ -1678,9 +1699,10 @@ def is_internal(spec):
 
 # ---------------------------------------------------------------------------------------------
 # Certificates and the RPC endpoint (docs/agent-rpc.md)
-#   With --rpc-port the agent serves HTTPS with the certificate its server's CA issued
+#   Unless --no-rpc, the agent serves HTTPS with the certificate its server's CA issued
 #   (`update_certificate` brings it): GET /status and POST /wake, each signed by the server
-#   with the agent's secret key. Until a certificate is installed nothing listens.
+#   with the agent's secret key. It holds its port from the start (so the port it registers
+#   with is the one it serves on), but until a certificate is installed nothing listens.
 # ---------------------------------------------------------------------------------------------
 
 RPC_CERT = "rpc.crt"
@@ -1692,15 +1714,15 @@ RPC_REPLAY_MAX = 4096  # signatures remembered within the window; past that, ref
 RPC_HANDSHAKE_TIMEOUT = 5.0
 RPC_MAX_CONNECTIONS = 16
 RPC_REQUEST_DEADLINE = 10.0  # seconds from accept to the end of the answer
+RPC_REQUEST_TIMEOUT = 10.0
+RPC_POLL_INTERVAL = 0.5  # how soon the accept loop sees a close
+DIGITS = re.compile(r"[0-9]{1,12}")
 
 
 def _hang_up(sock):
     """Wake a handler still reading a connection past its deadline."""
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
-RPC_REQUEST_TIMEOUT = 10.0
-RPC_POLL_INTERVAL = 0.5  # how soon the accept loop sees a close
-DIGITS = re.compile(r"[0-9]{1,12}")
 
 
 def rpc_context(cert_path, key_path):
@@ -1720,7 +1742,7 @@ def update_certificate(agent, run):
         run.payload = None
     agent.client.reload_tls()  # the pinned CA may have changed
     if agent.rpc is None:
-        log("info", "certificate installed; no --rpc-port, so nothing serves it")
+        log("info", "certificate installed; the agent runs with --no-rpc, so nothing serves it")
     else:
         agent.rpc.install(context)
     return {"status": "succeeded"}
@@ -1835,12 +1857,21 @@ class RpcHTTPServer(http.server.ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
-    def __init__(self, address, rpc):
+    def __init__(self, address, rpc, reuse_address):
+        """Bound to `address`, not yet listening (server_activate listens). `reuse_address`:
+        take the port even over connections of an earlier run still in TIME_WAIT; without
+        it the bind is exclusive, so that another agent choosing the same port fails."""
         self.rpc = rpc
         # Strangers can connect: a bounded number of connections, each with a deadline, so
         # that slow or idle ones cannot pile up threads.
         self.slots = threading.BoundedSemaphore(RPC_MAX_CONNECTIONS)
-        http.server.ThreadingHTTPServer.__init__(self, address, RpcHandler)
+        self.allow_reuse_address = reuse_address
+        http.server.ThreadingHTTPServer.__init__(self, address, RpcHandler, bind_and_activate=False)
+        try:
+            self.server_bind()
+        except BaseException:
+            self.server_close()
+            raise
 
     def process_request(self, request, client_address):
         if not self.slots.acquire(blocking=False):
@@ -1893,24 +1924,79 @@ class DualStackRpcHTTPServer(RpcHTTPServer):
         RpcHTTPServer.server_bind(self)
 
 
+def bind_rpc_server(rpc, port, reuse_address):
+    """A server bound to `port` on every address, IPv6 and IPv4 alike where the host allows:
+    the server calls the address the agent's requests came from, whichever family that was.
+    OSError when the port cannot be had."""
+    try:
+        return DualStackRpcHTTPServer(("::", port), rpc, reuse_address)
+    except OSError:
+        return RpcHTTPServer(("0.0.0.0", port), rpc, reuse_address)
+
+
 class RpcServer:
-    """The endpoint's state: the current TLS context, the listening server once there is one,
-    and the signatures accepted within the window (the replay cache)."""
+    """The endpoint's state: the port it holds, the current TLS context, the server (bound
+    from agent start on, serving once a certificate is installed), and the signatures
+    accepted within the window (the replay cache)."""
 
     def __init__(self, agent, port, state_dir):
         self.agent = agent
-        self.port = port
+        self.port = port  # the operator's --rpc-port, or None; once bound, the port held
+        self.chosen_by_operator = port is not None
         self.cert_path = os.path.join(state_dir, RPC_CERT)
         self.key_path = os.path.join(state_dir, RPC_KEY)
         self.context = None
         self.httpd = None
+        self.serving = False
         self.closed = False
-        self.lock = threading.Lock()  # context, httpd, closed
+        self.lock = threading.Lock()  # context, httpd, serving, closed
         self.seen = {}  # signature -> its timestamp
         self.seen_lock = threading.Lock()
 
+    def take_port(self):
+        """Hold the port (bound, not listening: callers are refused until a certificate
+        arrives), so that the port the agent reports is the one it will serve on. False
+        when no port could be had."""
+        with self.lock:
+            if self.httpd is None and not self.closed:
+                self.httpd = self.bind()
+            return self.httpd is not None
+
+    def bind(self):
+        """The operator's port is theirs: taken over connections of our own earlier run still
+        in TIME_WAIT, and an error when another process holds it. The agent's own choice (the
+        port its server knows, else DEFAULT_RPC_PORT) is bound exclusively, so that agents
+        on one host never share it; when it is taken the OS picks a free port."""
+        if self.chosen_by_operator:
+            try:
+                return bind_rpc_server(self, self.port, reuse_address=True)
+            except OSError as exc:
+                log("error", "cannot take the rpc port", port=self.port, error=exc)
+                return None
+        wanted = (self.agent.client.credentials or {}).get("rpc_port") or DEFAULT_RPC_PORT
+        try:
+            httpd = bind_rpc_server(self, wanted, reuse_address=False)
+        except OSError as exc:
+            try:
+                httpd = bind_rpc_server(self, 0, reuse_address=False)
+            except OSError as again:
+                log("error", "cannot take any rpc port; going on without it", error=again)
+                return None
+            log(
+                "warn",
+                "rpc port taken; using a port the OS chose (--rpc-port N to choose one)",
+                wanted=wanted,
+                port=httpd.server_port,
+                error=exc,
+            )
+        self.port = httpd.server_port
+        return httpd
+
     def start(self):
-        """At agent start: listen if a certificate was installed before."""
+        """At agent start: hold the port, and serve at once if a certificate was installed
+        before."""
+        if not self.take_port():
+            return
         if not (os.path.exists(self.cert_path) and os.path.exists(self.key_path)):
             log("info", "rpc endpoint waits for its certificate", port=self.port)
             return
@@ -1922,26 +2008,25 @@ class RpcServer:
         self.install(context)
 
     def install(self, context):
-        """New connections get `context` from now on; start listening if nothing listens yet."""
+        """New connections get `context` from now on; start serving if nothing serves yet."""
         with self.lock:
             self.context = context
             if self.httpd is None and not self.closed:
-                self.httpd = self.listen()
+                self.httpd = self.bind()
+            if self.httpd is not None and not self.serving:
+                self.serve()
 
-    def listen(self):
-        """On every address, IPv6 and IPv4 alike where the host allows: the server calls the
-        address the agent's requests came from, whichever family that was."""
+    def serve(self):
+        """Listen and accept on a thread of its own (self.lock held)."""
         try:
-            httpd = DualStackRpcHTTPServer(("::", self.port), self)
-        except OSError:
-            httpd = None
-        try:
-            httpd = httpd or RpcHTTPServer(("0.0.0.0", self.port), self)
-        except OSError as exc:
+            self.httpd.server_activate()
+        except OSError as exc:  # another process bound the operator's port as well, and won
             log("error", "cannot listen for rpc; going on without it", port=self.port, error=exc)
-            return None
+            self.httpd.server_close()
+            self.httpd = None
+            return
         thread = threading.Thread(
-            target=httpd.serve_forever,
+            target=self.httpd.serve_forever,
             kwargs={"poll_interval": RPC_POLL_INTERVAL},
             name="rpc",
             daemon=True,
@@ -1951,15 +2036,17 @@ class RpcServer:
             thread.start()
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        log("info", "rpc endpoint listening", port=httpd.server_port)
-        return httpd
+        self.serving = True
+        log("info", "rpc endpoint listening", port=self.port)
 
     def close(self):
         with self.lock:
             self.closed = True
             httpd, self.httpd = self.httpd, None
+            serving, self.serving = self.serving, False
         if httpd is not None:
-            httpd.shutdown()
+            if serving:
+                httpd.shutdown()  # waits for serve_forever, which must have started
             httpd.server_close()
 
     def check(self, method, path, headers, body):
@@ -2054,7 +2141,12 @@ class Agent:
         self.woken = threading.Event()  # POST /wake, or a stop: end the wait between polls
         self.runner = Runner(self)
         self.sender = Sender(self)
-        self.rpc = RpcServer(self, args.rpc_port, args.state_dir) if args.rpc_port > 0 else None
+        self.rpc = RpcServer(self, args.rpc_port, args.state_dir) if args.rpc_port != 0 else None
+
+    def rpc_port(self):
+        """The port to tell the server: the one the RPC endpoint holds, 0 for none."""
+        rpc = self.rpc
+        return rpc.port if rpc is not None and rpc.httpd is not None else 0
 
     def adopt_config(self, config):
         if isinstance(config, dict):
@@ -2186,7 +2278,10 @@ def main(argv=None):
                 creds["server"] = client.server_url
                 save_credentials(args.state_dir, creds)
             log("info", "using stored credentials", agent_id=creds.get("agent_id"))
-        elif not register(agent):
+        if agent.rpc is not None and not agent.rpc.take_port() and agent.rpc.chosen_by_operator:
+            log("error", "--rpc-port is taken; choose another, or run with --no-rpc")
+            return 2
+        if not creds and not register(agent):
             return 0
         agent.start_threads()
         agent.runner.recover()

@@ -129,6 +129,26 @@ def test_an_agent_given_the_ca_registers_and_runs_commands(
         fleet.agent_proc.kill(signal.SIGTERM)
 
 
+def test_an_agent_started_without_rpc_flags_answers_check_status_over_tls(
+    tls_server: TlsTetherServer, tmp_path: Path
+) -> None:
+    fleet = fleet_on(tls_server, tmp_path)
+    fleet.start_agent(extra=("--ca-file", str(tls_server.ca_file)))
+
+    def reachable() -> dict | None:
+        status, answer = fleet.api.post(f"/api/agents/{fleet.agent_id}/check_status/", {})
+        assert status == 200, answer
+        return answer if answer["reachable"] else None
+
+    try:
+        answer = wait_for(reachable, timeout=5, interval=0.1, what="reachable over https")
+
+        assert answer["status"] == "online"
+        assert "error" not in answer
+    finally:
+        fleet.agent_proc.kill(signal.SIGTERM)
+
+
 def test_a_server_another_ca_vouches_for_is_refused_before_registering(
     tls_server: TlsTetherServer, impostor: TlsTetherServer, tmp_path: Path
 ) -> None:

@@ -11,7 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import ADMIN_PASSWORD, FINAL, ROOT, AgentProcess, Api, Fleet, TetherServer
+from ..conftest import (
+    ADMIN_PASSWORD,
+    FINAL,
+    ROOT,
+    AgentProcess,
+    Api,
+    Fleet,
+    TetherServer,
+    wait_for,
+)
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOTS = ROOT / "var" / "screenshots"
@@ -148,9 +157,33 @@ def test_a_blank_command_is_refused_in_the_page(page: "sync_api.Page", shared_fl
 def test_check_status_answers_in_the_page(page: "sync_api.Page", shared_fleet: Fleet) -> None:
     page.goto(f"/agents/{shared_fleet.agent_id}/")
     page.click("[data-check-status]")
-    # The test agents have no RPC certificate: the answer says so instead of failing.
+    # Reachable or not (the reason then), the page shows the answer instead of failing.
     expect(page.locator(".status-check")).to_contain_text("reachable")
     expect(page.locator(".status-check")).not_to_contain_text("checking")
+
+
+def test_check_status_reaches_an_agent_started_with_default_flags(
+    page: "sync_api.Page", tether: TetherServer, admin_api: Api, tmp_path: Path
+) -> None:
+    fleet = Fleet(tether, admin_api, tmp_path)
+    fleet.start_agent()  # the README's flags: the RPC endpoint is on by default
+
+    def certificate_installed() -> bool:
+        status, body = admin_api.post(f"/api/agents/{fleet.agent_id}/update_certificate/", {})
+        return status == 200 and bool(body["serial"]) and not body["pending"]
+
+    try:
+        wait_for(certificate_installed, timeout=10, what="the agent's certificate installed")
+        page.goto(f"/agents/{fleet.agent_id}/")
+        certificate = page.locator("xpath=//dt[text()='Certificate']/following-sibling::dd[1]")
+        expect(certificate).to_contain_text("expires")
+        page.click("[data-check-status]")
+        answer = page.locator(".status-check")
+        expect(answer).to_contain_text("reachable, version")
+        expect(answer).not_to_contain_text("not reachable")
+        screenshot(page, "check-status.png")
+    finally:
+        fleet.agent_proc.kill(signal.SIGTERM)
 
 
 def test_html_in_output_is_shown_as_text(page: "sync_api.Page", shared_fleet: Fleet) -> None:
@@ -204,3 +237,60 @@ def test_another_users_agent_is_not_found_and_logging_out_leads_to_login(
         assert "/login/?next=/" in page.url
     finally:
         page.context.close()
+
+
+@pytest.fixture
+def tagged_trio(tether: TetherServer, admin_api: Api, tmp_path: Path) -> Iterator[str]:
+    """Three online agents, each on a server of its own, sharing a tag no other agent has."""
+    tag = f"trio-{uuid.uuid4().hex[:6]}"
+    fleets = [Fleet(tether, admin_api, tmp_path) for _ in range(3)]
+    for fleet in fleets:  # started together, then awaited
+        state = Path(tempfile.mkdtemp(prefix="agent-", dir=tmp_path))
+        fleet.agent_proc = AgentProcess(tether, fleet.server_token, state).start()
+    for fleet in fleets:
+        fleet.agent_id = fleet.wait_online()["id"]
+        status, body = admin_api.request("PATCH", f"/api/agents/{fleet.agent_id}/", {"tags": [tag]})
+        assert status == 200, body
+    yield tag
+    for fleet in fleets:
+        fleet.agent_proc.kill(signal.SIGTERM)
+
+
+def test_a_run_to_three_agents_shows_three_rows_turning_succeeded_live(
+    page: "sync_api.Page", tagged_trio: str, tmp_path: Path
+) -> None:
+    go = tmp_path / "go"  # the targets run until the test creates it
+    page.goto("/runs/")
+    with page.expect_response(lambda response: f"tag={tagged_trio}" in response.url):
+        page.fill("input[name=tag][form=picker-filters]", tagged_trio)
+    expect(page.locator("#run-many .filters.htmx-request")).to_have_count(0)  # rows swapped in
+    expect(page.locator("#picker [name=agents]")).to_have_count(3)
+    page.check("#picker [data-check-all]")
+    expect(page.locator("#picker [name=agents]:checked")).to_have_count(3)
+    page.fill("input[name=command]", f"while [ ! -e {go} ]; do sleep 0.1; done; echo done")
+    page.fill("input[name=max_concurrency]", "3")
+    screenshot(page, "runs.png")
+    page.click("#run-many button[type=submit]")
+
+    expect(page).to_have_url(re.compile(r"/runs/\d+/$"))
+    page.evaluate("window.notReloaded = true")
+    rows = page.locator(".run-grid tr[data-command]")
+    expect(rows).to_have_count(3)
+    for row in rows.all():
+        expect(row.locator("[data-field=status]")).to_have_text("running")
+    expect(page.locator("[data-count=running]")).to_have_text("3")
+    go.touch()
+    for row in rows.all():
+        expect(row.locator("[data-field=status]")).to_have_text("succeeded")
+        expect(row.locator("[data-field=exit]")).to_have_text("0")
+        expect(row.locator("[data-field=duration]")).to_contain_text(" s")
+    expect(page.locator("[data-count=succeeded]")).to_have_text("3")
+    expect(page.locator(".run-summary [data-field=status]")).to_have_text("succeeded")
+    expect(page.locator(".run-summary [data-cancel]")).to_be_hidden()
+    assert page.evaluate("window.notReloaded") is True
+
+    rows.first.locator("[data-output]").click()
+    expect(page.locator(".target-output pre.output")).to_have_text("done\n")
+    screenshot(page, "run.png")
+    rows.first.locator("[data-output]").click()
+    expect(page.locator(".target-output")).to_have_count(0)
