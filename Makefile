@@ -32,3 +32,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/held_polls.py
 	$(BIN)/python bench/check_status.py
 	$(BIN)/python bench/fleet_page.py
+	$(BIN)/python bench/fanout.py

@@ -5,8 +5,10 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
+from unittest.mock import patch
 
 from asgiref.sync import sync_to_async
+from django.db.models import QuerySet
 from django.test import AsyncClient, override_settings
 from django.utils import timezone
 
@@ -59,6 +61,24 @@ class ClaimCommandsTestCase(BaseTestCase):
 
         self.assertEqual(len(claim_commands(agent=self.agent, limit=3).commands), 3)
         self.assertEqual(len(claim_commands(agent=self.agent, limit=3).commands), 2)
+
+    def test_a_command_cancelled_between_its_read_and_the_claim_is_not_handed_out(self) -> None:
+        first, second = self.queue("first"), self.queue("second")
+        update = QuerySet.update
+
+        def cancel_first_then_update(queryset: QuerySet, **fields: Any) -> int:
+            # Another transaction's cancel, after the claim read the rows (PostgreSQL).
+            if fields.get("status") == Command.Status.DELIVERED:
+                update(Command.objects.filter(pk=first.pk), status=Command.Status.CANCELLED)
+            return update(queryset, **fields)
+
+        with patch.object(QuerySet, "update", autospec=True, side_effect=cancel_first_then_update):
+            delivery = claim_commands(agent=self.agent)
+
+        self.assertEqual([c.pk for c in delivery.commands], [second.pk])
+        self.assertEqual(delivery.commands[0].status, "delivered")
+        first.refresh_from_db()
+        self.assertEqual(first.status, "cancelled")
 
     def test_it_only_hands_out_the_agents_own_commands(self) -> None:
         self.queue(agent=self.bob_agent)

@@ -143,7 +143,8 @@ def _target(run: Run, agent: Agent, *, skipped: bool, now: Any) -> Command:
 
 def advance_run(run_id: int) -> None:
     """Look at a run again after one of its targets changed (in the caller's transaction)."""
-    with transaction.atomic():
+    # No savepoint: nothing catches a failure here, so the caller's transaction fails whole.
+    with transaction.atomic(savepoint=False):
         run = Run.objects.select_for_update().filter(pk=run_id).first()
         if run is not None and run.status == Run.Status.RUNNING:
             _advance(run)
@@ -163,8 +164,10 @@ def advance_open_runs() -> int:
 
 
 def _advance(run: Run) -> None:
-    targets = Command.objects.filter(run=run)
-    counts = run_counts(run)
+    # One grouped read answers every question below; it is read again only after a cancel
+    # (a release moves targets from held to queued: none of them becomes final).
+    by_status = _targets_by_status(run.pk)
+    counts = _counts(by_status)
     errors = sum(counts[s] for s in states.ERRORS)
     if run.max_errors is not None and errors > run.max_errors and not run.reason:
         stopped = _cancel_not_started(run, "not started: the run's max_errors was exceeded")
@@ -173,13 +176,14 @@ def _advance(run: Run) -> None:
             f"{stopped} not started were cancelled"
         )
         run.save(update_fields=["reason"])
-    elif not run.cancel_requested and not run.reason:
-        active = targets.filter(status__in=[S.QUEUED, *states.ACTIVE]).count()
+        by_status = _targets_by_status(run.pk)
+    elif not run.cancel_requested and not run.reason and by_status.get(S.HELD):
+        active = sum(by_status.get(s, 0) for s in (S.QUEUED, *states.ACTIVE))
         free = run.max_concurrency - active
         if free > 0:
             _release(run, free)
-    if not targets.exclude(status__in=states.FINAL).exists():
-        _finish(run, run_counts(run))
+    if all(status in states.FINAL for status in by_status):
+        _finish(run, _counts(by_status))
     wakeups.notify_on_commit(run_key(run.pk))
 
 
@@ -238,21 +242,29 @@ def cancel_run(*, run: Run, user: AbstractBaseUser | None) -> Run:
 
 def run_counts(run: Run) -> dict[str, int]:
     """`total` and the targets by state (docs/runs.md), from one query."""
-    rows = dict(
-        Command.objects.filter(run=run)
+    return _counts(_targets_by_status(run.pk))
+
+
+def _targets_by_status(run_id: int) -> dict[str, int]:
+    """How many of the run's targets are in each command status."""
+    return dict(
+        Command.objects.filter(run_id=run_id)
         .values_list("status")
         .annotate(n=Count("id"))
         .values_list("status", "n")
     )
+
+
+def _counts(by_status: dict[str, int]) -> dict[str, int]:
     counts = {name: 0 for name in COUNTED}
-    for status, n in rows.items():
+    for status, n in by_status.items():
         if status in (S.HELD, S.QUEUED, S.DELIVERED):
             counts["queued"] += n
         elif status == S.RUNNING:
             counts["running"] += n
         else:
             counts[status] += n
-    counts["total"] = sum(rows.values())
+    counts["total"] = sum(by_status.values())
     return counts
 
 

@@ -110,33 +110,51 @@ def claim_commands(*, agent: Agent, limit: int = 20) -> Delivery:
     cancel_due = Q(cancel_requested=True, status__in=states.ACTIVE) & (
         Q(cancel_sent_at__isnull=True) | Q(cancel_sent_at__lt=now - CANCEL_RESEND)
     )
-    # Most polls find nothing: answer those with one read, without taking the write lock.
-    if not Command.objects.filter(due | cancel_due, agent=agent).exists():
+    # Most polls find nothing: answer those with one read, without taking the write lock. The
+    # same read says what there is: work (a row without a cancel), cancels to send, or both.
+    found = set(
+        Command.objects.filter(due | cancel_due, agent=agent)
+        .order_by()
+        .values_list("cancel_requested", flat=True)
+        .distinct()
+    )
+    if not found:
         return Delivery(commands=[], cancel=[])
+    commands: list[Command] = []
+    cancel: list[int] = []
     with transaction.atomic():
-        ids = list(
-            Command.objects.filter(due, agent=agent)
-            .order_by("created_at", "id")
-            .values_list("id", flat=True)[:limit]
-        )
-        commands: list[Command] = []
-        if ids:
+        if False in found:
+            commands = list(
+                Command.objects.filter(due, agent=agent).order_by("created_at", "id")[:limit]
+            )
+        if commands:
+            ids = [command.pk for command in commands]
+            lease_expires_at = now + timedelta(seconds=settings.COMMAND_LEASE)
             # `due` again in the UPDATE: a row cancelled or finished since the read above is
             # left alone (PostgreSQL re-checks the condition under the row lock).
-            Command.objects.filter(due, id__in=ids).update(
+            taken = Command.objects.filter(due, id__in=ids).update(
                 status=S.DELIVERED,
                 delivered_at=now,
-                lease_expires_at=now + timedelta(seconds=settings.COMMAND_LEASE),
+                lease_expires_at=lease_expires_at,
                 delivery_count=F("delivery_count") + 1,
             )
-            commands = list(
-                Command.objects.filter(id__in=ids, status=S.DELIVERED, delivered_at=now).order_by(
-                    "created_at", "id"
+            if taken == len(commands):
+                for command in commands:
+                    command.status, command.delivered_at = S.DELIVERED, now
+                    command.lease_expires_at = lease_expires_at
+                    command.delivery_count += 1
+            else:  # some changed since the read (another transaction): keep what this took
+                commands = list(
+                    Command.objects.filter(
+                        id__in=ids, status=S.DELIVERED, delivered_at=now
+                    ).order_by("created_at", "id")
                 )
+        if True in found:
+            cancel = list(
+                Command.objects.filter(cancel_due, agent=agent).values_list("id", flat=True)
             )
-        cancel = list(Command.objects.filter(cancel_due, agent=agent).values_list("id", flat=True))
-        if cancel:
-            Command.objects.filter(id__in=cancel).update(cancel_sent_at=now)
+            if cancel:
+                Command.objects.filter(id__in=cancel).update(cancel_sent_at=now)
     return Delivery(commands=commands, cancel=cancel)
 
 
