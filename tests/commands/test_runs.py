@@ -1,11 +1,16 @@
 """Runs: one command to many agents (docs/runs.md)."""
 
+import asyncio
 from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.test import override_settings
 
 from tether.accounts.models import AuditEvent
 from tether.commands import services as command_services
+from tether.commands.api.runs import run_events
 from tether.commands.command_templates import validate_parameters
-from tether.commands.models import Command, CommandTemplate, Run
+from tether.commands.models import Command, CommandTemplate, OutputChunk, Run
 from tether.commands.output import Chunk
 from tether.commands.reports import Result
 from tether.fleet import services as fleet_services
@@ -381,3 +386,86 @@ class ReadRunTestCase(RunTestCase):
             )
 
         self.assertEqual(self.read(target.pk)["stdout"], "up")
+
+
+class RunStreamTestCase(RunTestCase):
+    """The run's SSE stream read as its generator: what a watcher receives, in order."""
+
+    async def follow(self, run_id: int) -> asyncio.Queue:
+        """Read the stream in a task of its own (cancelling a pending `anext` would close
+        the generator), frames into a queue."""
+        frames: asyncio.Queue = asyncio.Queue()
+
+        async def pump() -> None:
+            async for frame in run_events(run_id):
+                await frames.put(frame)
+
+        self.pump = asyncio.create_task(pump())
+        return frames
+
+    async def events_until_quiet(self, frames: asyncio.Queue) -> list[tuple[str, dict]]:
+        import json
+
+        seen = []
+        while True:
+            try:
+                frame = await asyncio.wait_for(frames.get(), timeout=0.5)
+            except TimeoutError:
+                return seen
+            if frame.startswith("event:"):
+                name, data = frame.split("\n")[:2]
+                seen.append((name.removeprefix("event: "), json.loads(data.removeprefix("data: "))))
+
+    def outputs(self, events: list[tuple[str, dict]]) -> dict[int, str]:
+        texts: dict[int, str] = {}
+        for name, data in events:
+            if name == "output":
+                texts[data["command"]] = texts.get(data["command"], "") + data["data"]
+        return texts
+
+    @override_settings(POLL_RECHECK=0.05)
+    async def test_output_committed_out_of_id_order_is_not_lost(self) -> None:
+        run = await sync_to_async(self.start)(targets={"agents": ["web-1", "web-2"]})
+        first, second = await sync_to_async(self.targets)(run)
+        stream = await self.follow(run["id"])
+        await self.events_until_quiet(stream)
+
+        # web-2's chunk gets the higher id but is seen before web-1's (committed later).
+        await sync_to_async(self.store)(second, b"two\n", chunk_id=1000)
+        got = await self.events_until_quiet(stream)
+        await sync_to_async(self.store)(first, b"one\n", chunk_id=999)
+        got += await self.events_until_quiet(stream)
+
+        self.assertEqual(self.outputs(got), {second.pk: "two\n", first.pk: "one\n"})
+        hosts = {data["command"]: data["hostname"] for name, data in got if name == "output"}
+        self.assertEqual(hosts, {first.pk: "web-1", second.pk: "web-2"})
+        self.pump.cancel()
+
+    @override_settings(POLL_RECHECK=0.05)
+    async def test_output_stored_again_whole_is_sent_once(self) -> None:
+        run = await sync_to_async(self.start)(targets={"agents": ["web-1"]})
+        (target,) = await sync_to_async(self.targets)(run)
+        stream = await self.follow(run["id"])
+        await sync_to_async(self.store)(target, b"abc", chunk_id=500)
+        got = await self.events_until_quiet(stream)
+
+        # The older dialect's final result replaces the stored output with the whole of it.
+        await sync_to_async(self.replace)(target, b"abcdef", chunk_id=501)
+        got += await self.events_until_quiet(stream)
+
+        self.assertEqual(self.outputs(got), {target.pk: "abcdef"})
+        self.pump.cancel()
+
+    def store(self, command: Command, data: bytes, chunk_id: int) -> None:
+        offset = Command.objects.get(pk=command.pk).stdout_end
+        OutputChunk.objects.create(
+            id=chunk_id, command=command, stream="stdout", offset=offset, data=data
+        )
+        Command.objects.filter(pk=command.pk).update(stdout_end=offset + len(data))
+
+    def replace(self, command: Command, data: bytes, chunk_id: int) -> None:
+        OutputChunk.objects.filter(command=command).delete()
+        OutputChunk.objects.create(
+            id=chunk_id, command=command, stream="stdout", offset=0, data=data
+        )
+        Command.objects.filter(pk=command.pk).update(stdout_end=len(data))

@@ -9,7 +9,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db.models import QuerySet
+from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import exceptions, mixins, serializers, status, viewsets
@@ -277,31 +277,48 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
 class RunSnapshot:
     run: Run
     counts: dict[str, int]
-    targets: list[tuple[int, int, str, str, int | None]]  # command, agent, hostname, status, exit
+    # command, agent, hostname, status, exit code, stdout end, stderr end
+    targets: list[tuple[int, int, str, str, int | None, int, int]]
     chunks: list[tuple[int, int, str, int, bytes]] = field(default_factory=list)
 
 
-def _snapshot(run_id: int, after_chunk: int) -> RunSnapshot:
+def _snapshot(run_id: int, seen: dict[int, tuple[int, int, int]]) -> RunSnapshot:
+    """The run, its targets and the output stored since `seen` ({command: (stdout read to,
+    stderr read to, last chunk id)}). Chunks are asked for by command and offset, not by a
+    run-wide chunk id: on PostgreSQL rows may commit out of id order, and a cursor on ids
+    would skip one for good. Only targets whose streams grew are asked about."""
     # Targets first, then chunks: a target seen final has every chunk committed.
     run = Run.objects.get(pk=run_id)
     targets = list(
         Command.objects.filter(run_id=run_id)
         .order_by("agent__hostname", "id")
-        .values_list("id", "agent_id", "agent__hostname", "status", "exit_code")
+        .values_list(
+            "id", "agent_id", "agent__hostname", "status", "exit_code", "stdout_end", "stderr_end"
+        )
     )
-    chunks = list(
-        OutputChunk.objects.filter(command__run_id=run_id, id__gt=after_chunk)
-        .order_by("id")
-        .values_list("id", "command_id", "stream", "offset", "data")
-    )
+    grown = Q()
+    for command_id, *_, stdout_end, stderr_end in targets:
+        before = seen.get(command_id, (0, 0, 0))
+        if (stdout_end, stderr_end) != before[:2]:
+            # Each stream from where it was read up to; a chunk stored again whole (the older
+            # dialect's final output) is found by its newer id.
+            unread = Q(stream="stdout", offset__gte=before[0])
+            unread |= Q(stream="stderr", offset__gte=before[1])
+            grown |= Q(command_id=command_id) & (unread | Q(id__gt=before[2]))
+    chunks = []
+    if grown:
+        chunks = list(
+            OutputChunk.objects.filter(grown)
+            .order_by("command_id", "stream", "offset", "id")
+            .values_list("id", "command_id", "stream", "offset", "data")
+        )
     return RunSnapshot(run=run, counts=runs.run_counts(run), targets=targets, chunks=chunks)
 
 
 async def run_events(run_id: int) -> AsyncIterator[str]:
     """`output`, `status`, `counts`, then `end` (docs/runs.md). Each byte of each target's
-    output is sent once: chunks are read in the order they were stored, and any part of one
-    already sent (an older agent's output stored again whole) is skipped."""
-    last_chunk = 0
+    output is sent once and in order: what was already sent of a chunk is skipped."""
+    seen: dict[int, tuple[int, int, int]] = {}
     sent: dict[tuple[int, str], int] = {}
     decoders: dict[tuple[int, str], Any] = {}
     statuses: dict[int, str] = {}
@@ -309,16 +326,19 @@ async def run_events(run_id: int) -> AsyncIterator[str]:
     last_sent = time.monotonic()
     with wakeups.subscribe(runs.run_key(run_id)) as waiter:
         while True:
-            snap = await run_db(_snapshot, run_id, last_chunk)
-            hosts = {command: (agent, host) for command, agent, host, _, _ in snap.targets}
+            snap = await run_db(_snapshot, run_id, seen)
+            hosts = {target[0]: (target[1], target[2]) for target in snap.targets}
+            last_ids: dict[int, int] = {}
             for chunk_id, command_id, stream, offset, data in snap.chunks:
-                last_chunk = chunk_id
+                last_ids[command_id] = max(last_ids.get(command_id, 0), chunk_id)
                 key = (command_id, stream)
-                data = bytes(data)[max(0, sent.get(key, 0) - offset) :]
+                already = sent.get(key, 0)
+                if offset > already:
+                    continue  # a gap: its bytes are not stored yet; read again next time
+                data = bytes(data)[already - offset :]
                 if not data:
                     continue
-                start = max(offset, sent.get(key, 0))
-                sent[key] = start + len(data)
+                sent[key] = already + len(data)
                 decoder = decoders.setdefault(key, codecs.getincrementaldecoder("utf-8")("replace"))
                 text = decoder.decode(data)
                 if text:
@@ -330,12 +350,19 @@ async def run_events(run_id: int) -> AsyncIterator[str]:
                             "agent": agent,
                             "hostname": host,
                             "stream": stream,
-                            "offset": start,
+                            "offset": already,
                             "data": text,
                         },
                     )
                     last_sent = time.monotonic()
-            for command_id, agent, host, state, exit_code in snap.targets:
+            for command_id, *_, stdout_end, stderr_end in snap.targets:
+                old = seen.get(command_id, (0, 0, 0))
+                if (stdout_end, stderr_end) != old[:2]:
+                    done_out = sent.get((command_id, "stdout"), 0)
+                    done_err = sent.get((command_id, "stderr"), 0)
+                    last_id = max(old[2], last_ids.get(command_id, 0))
+                    seen[command_id] = (done_out, done_err, last_id)
+            for command_id, agent, host, state, exit_code, *_ in snap.targets:
                 if statuses.get(command_id) != state:
                     statuses[command_id] = state
                     yield event(
