@@ -27,9 +27,9 @@ from tether.fleet.services import agent_is_online
 
 from . import states
 from .models import Command, CommandTemplate, Run
+from .selectors import counts_by_state
 
 S = Command.Status
-COUNTED = ("queued", "running", *(s.value for s in states.FINAL))
 NOT_STARTED = (S.HELD, S.QUEUED)
 
 
@@ -256,16 +256,7 @@ def _targets_by_status(run_id: int) -> dict[str, int]:
 
 
 def _counts(by_status: dict[str, int]) -> dict[str, int]:
-    counts = {name: 0 for name in COUNTED}
-    for status, n in by_status.items():
-        if status in (S.HELD, S.QUEUED, S.DELIVERED):
-            counts["queued"] += n
-        elif status == S.RUNNING:
-            counts["running"] += n
-        else:
-            counts[status] += n
-    counts["total"] = sum(by_status.values())
-    return counts
+    return counts_by_state(by_status)
 
 
 def runs_of(commands: Any) -> set[int]:

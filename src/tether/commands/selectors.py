@@ -31,16 +31,24 @@ def run_targets(run: Run) -> QuerySet[Command]:
     return run.commands.select_related("agent__server").order_by("agent__hostname", "id")
 
 
-# Targets not started count as `queued` (docs/runs.md), as runs.run_counts counts them.
+# Targets not started count as `queued` (docs/runs.md).
 NOT_STARTED_YET = frozenset({Command.Status.HELD, Command.Status.QUEUED, Command.Status.DELIVERED})
 
 
+def counts_by_state(by_status: dict[str, int]) -> dict[str, int]:
+    """A run's counts as docs/runs.md names them, from its targets' command statuses: the one
+    rule for the run's answer, its stream and the runs history."""
+    counts = {"queued": 0, "running": 0, **{status.value: 0 for status in states.FINAL}}
+    for status, n in by_status.items():
+        counts["queued" if status in NOT_STARTED_YET else status] += n
+    counts["total"] = sum(by_status.values())
+    return counts
+
+
 def target_counts(run_ids: Iterable[int]) -> dict[int, dict[str, int]]:
-    """`runs.run_counts` of several runs at once (a page of the runs history), from one
-    query: {run id: {"total", "queued", "running", and one per final state}}."""
+    """The counts of several runs at once (a page of the runs history), from one query."""
     ids = list(run_ids)
-    empty = {"queued": 0, "running": 0, **{status.value: 0 for status in states.FINAL}}
-    counts = {run_id: {**empty, "total": 0} for run_id in ids}
+    by_run: dict[int, dict[str, int]] = {run_id: {} for run_id in ids}
     rows = (
         Command.objects.filter(run_id__in=ids)
         .values_list("run_id", "status")
@@ -48,9 +56,8 @@ def target_counts(run_ids: Iterable[int]) -> dict[int, dict[str, int]]:
         .values_list("run_id", "status", "n")
     )
     for run_id, status, n in rows:
-        counts[run_id]["queued" if status in NOT_STARTED_YET else status] += n
-        counts[run_id]["total"] += n
-    return counts
+        by_run[run_id][status] = n
+    return {run_id: counts_by_state(by_status) for run_id, by_status in by_run.items()}
 
 
 def templates_visible_to(user: AbstractBaseUser) -> QuerySet[CommandTemplate]:
