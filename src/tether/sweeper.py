@@ -12,7 +12,7 @@ log = logging.getLogger("tether.sweeper")
 
 
 def sweep_once() -> tuple[int, int]:
-    from tether.commands.runs import advance_open_runs
+    from tether.commands.runs import advance_open_runs, skip_unreachable_targets
     from tether.commands.services import mark_lost_commands
     from tether.deploy.rollouts import advance_open_rollouts
     from tether.deploy.services import expire_deployments
@@ -21,6 +21,7 @@ def sweep_once() -> tuple[int, int]:
 
     offline, lost = mark_offline_agents(), mark_lost_commands()
     # Runs move on with each target's end; this only catches one a crash left behind.
+    skip_unreachable_targets()
     advance_open_runs()
     advance_open_rollouts()
     expired = expire_deployments()

@@ -7,6 +7,7 @@ from asgiref.sync import sync_to_async
 from django.test import override_settings
 
 from tether.accounts.models import AuditEvent
+from tether.commands import runs
 from tether.commands import services as command_services
 from tether.commands.api.runs import run_events
 from tether.commands.command_templates import validate_parameters
@@ -163,6 +164,58 @@ class OfflineTargetsTestCase(RunTestCase):
         self.assertEqual(self.targets(run)[1].status, S.QUEUED)
 
 
+class AgentsGoneMidRunTestCase(RunTestCase):
+    def go_offline(self, agent: Agent) -> None:
+        Agent.objects.filter(pk=agent.pk).update(status=Agent.Status.OFFLINE, last_heartbeat=None)
+
+    def test_a_held_target_whose_agent_went_offline_is_skipped_at_its_turn(self) -> None:
+        run = self.start(max_concurrency=1)
+        first, second, third = self.targets(run)[:3]
+        self.go_offline(second.agent)
+
+        self.finish(first)
+
+        second.refresh_from_db()
+        third.refresh_from_db()
+        self.assertEqual((second.status, third.status), (S.SKIPPED, S.QUEUED))
+
+    def test_with_wait_online_agents_go_first(self) -> None:
+        run = self.start(max_concurrency=1, offline="wait")
+        first, second, third = self.targets(run)[:3]
+        self.go_offline(second.agent)
+
+        self.finish(first)
+
+        second.refresh_from_db()
+        third.refresh_from_db()
+        self.assertEqual((second.status, third.status), (S.HELD, S.QUEUED))
+
+    def test_the_sweep_skips_a_released_target_whose_agent_is_gone(self) -> None:
+        run = self.start(max_concurrency=1, targets={"agents": ["web-1", "web-2"]})
+        first, second = self.targets(run)
+        self.finish(first)
+        self.go_offline(second.agent)
+
+        with self.captureOnCommitCallbacks(execute=True):
+            self.assertEqual(runs.skip_unreachable_targets(), 1)
+
+        second.refresh_from_db()
+        self.assertEqual(second.status, S.SKIPPED)
+        self.assertEqual(Run.objects.get(pk=run["id"]).status, Run.Status.FAILED)
+
+    def test_a_run_whose_targets_were_deleted_does_not_read_as_succeeded(self) -> None:
+        run = self.start(targets={"agents": ["web-1", "web-2"]})
+        first, second = self.targets(run)
+        self.finish(first)
+
+        second.agent.delete()
+        runs.advance_run(run["id"])
+
+        detail = self.client.get(f"/api/runs/{run['id']}/").json()
+        self.assertEqual(detail["status"], "failed")
+        self.assertIn("1 target(s) were deleted", detail["reason"])
+
+
 class MaxErrorsTestCase(RunTestCase):
     def test_past_max_errors_the_targets_not_started_are_cancelled(self) -> None:
         run = self.start(max_concurrency=1, max_errors=1)
@@ -190,6 +243,16 @@ class MaxErrorsTestCase(RunTestCase):
         self.assertEqual(sum(c.status == S.CANCELLED for c in self.targets(run)), 3)
         self.finish(second)
         self.assertEqual(Run.objects.get(pk=run["id"]).status, Run.Status.FAILED)
+
+    def test_a_target_handed_out_but_not_started_is_asked_to_cancel(self) -> None:
+        run = self.start(max_concurrency=2, max_errors=0)
+        first, second = self.targets(run)[:2]
+        self.deliver(second.agent)
+
+        self.finish(first, S.FAILED, 1)
+
+        second.refresh_from_db()
+        self.assertEqual((second.status, second.cancel_requested), (S.DELIVERED, True))
 
     def test_a_lost_target_counts_as_an_error(self) -> None:
         run = self.start(max_concurrency=1, max_errors=0)
@@ -223,6 +286,16 @@ class IdempotencyTestCase(RunTestCase):
 
         self.assertEqual(response.status_code, 201, response.content)
         self.assertEqual(Run.objects.count(), 2)
+
+    def test_a_retry_answers_the_run_even_when_the_fleet_changed_since(self) -> None:
+        first = self.start(targets={"tags": ["web"]}, headers={"Idempotency-Key": "k-2"})
+        Agent.objects.update(tags=[])
+
+        again = self.start(
+            expect=200, targets={"tags": ["web"]}, headers={"Idempotency-Key": "k-2"}
+        )
+
+        self.assertEqual(again["id"], first["id"])
 
     def test_a_key_reused_for_another_request_is_refused(self) -> None:
         self.start(headers={"Idempotency-Key": "k-1"})
@@ -454,6 +527,20 @@ class RunStreamTestCase(RunTestCase):
         got += await self.events_until_quiet(stream)
 
         self.assertEqual(self.outputs(got), {target.pk: "abcdef"})
+        self.pump.cancel()
+
+    @override_settings(POLL_RECHECK=0.05)
+    async def test_a_character_cut_at_the_end_is_sent_as_its_replacement(self) -> None:
+        run = await sync_to_async(self.start)(targets={"agents": ["web-1"]})
+        (target,) = await sync_to_async(self.targets)(run)
+        stream = await self.follow(run["id"])
+        await sync_to_async(self.store)(target, b"w\xe2\x82", chunk_id=700)
+        await sync_to_async(lambda: self.finish(Command.objects.get(pk=target.pk)))()
+
+        got = await self.events_until_quiet(stream)
+
+        self.assertEqual(self.outputs(got), {target.pk: "w\ufffd"})
+        self.assertEqual(got[-1][0], "end")
         self.pump.cancel()
 
     def store(self, command: Command, data: bytes, chunk_id: int) -> None:

@@ -155,6 +155,9 @@ class Run(models.Model):
     )
     timeout = models.PositiveIntegerField()
     max_concurrency = models.PositiveIntegerField()
+    # How many targets it started with: an agent deleted mid-run takes its target with it,
+    # and the run must not then read as all-succeeded.
+    targets_total = models.PositiveIntegerField(default=0)
     # None: every target runs, however many fail.
     max_errors = models.PositiveIntegerField(null=True, blank=True)
     offline = models.CharField(max_length=8, choices=Offline.choices, default=Offline.SKIP)

@@ -23,7 +23,7 @@ from tether import wakeups
 from tether.accounts.services import audit
 from tether.errors import Conflict
 from tether.fleet.models import Agent
-from tether.fleet.services import agent_is_online
+from tether.fleet.services import agent_is_online, online_q
 
 from . import states
 from .models import Command, CommandTemplate, Run
@@ -51,9 +51,10 @@ class RunRequest:
     offline: str = Run.Offline.SKIP
     template: CommandTemplate | None = None
 
-    def fingerprint(self, body: dict[str, Any]) -> str:
-        """What tells a replay (same key, same request) from a reused key."""
-        return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+def fingerprint(body: Any) -> str:
+    """What tells a replay (same key, same request) from a reused key."""
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def resolve_limit(value: int | str | None, total: int, *, at_least: int) -> int | None:
@@ -78,7 +79,7 @@ def create_run(
     wake exactly those agents. With an `idempotency_key` already used by this user, answer
     that run instead (False: not created); the same key for another request is a 409."""
     if idempotency_key:
-        earlier = _replayed(user, idempotency_key, request_hash)
+        earlier = replayed_run(user, idempotency_key, request_hash)
         if earlier is not None:
             return earlier, False
     total = len(request.agents)
@@ -93,6 +94,7 @@ def create_run(
                 max_concurrency=resolve_limit(request.max_concurrency, total, at_least=1) or total,
                 max_errors=resolve_limit(request.max_errors, total, at_least=0),
                 offline=request.offline,
+                targets_total=total,
                 idempotency_key=idempotency_key,
                 request_hash=request_hash,
             )
@@ -108,14 +110,17 @@ def create_run(
             _advance(run)
     except IntegrityError:
         # Two requests with one key raced past the first look; the database kept one.
-        earlier = _replayed(user, idempotency_key, request_hash) if idempotency_key else None
+        earlier = replayed_run(user, idempotency_key, request_hash) if idempotency_key else None
         if earlier is None:
             raise
         return earlier, False
     return run, True
 
 
-def _replayed(user: AbstractBaseUser, key: str, request_hash: str) -> Run | None:
+def replayed_run(user: AbstractBaseUser, key: str, request_hash: str) -> Run | None:
+    """The run this user already created with `key` (a retry), else None; the same key for a
+    different request is a 409. Asked before the targets are resolved, so a retry answers
+    the run even when the fleet has changed since (a tag removed, an agent deleted)."""
     earlier = Run.objects.filter(created_by=user, idempotency_key=key).first()
     if earlier is not None and earlier.request_hash != request_hash:
         raise Conflict(
@@ -139,6 +144,11 @@ def _target(run: Run, agent: Agent, *, skipped: bool, now: Any) -> Command:
         command.finished_at = now
         command.error = "skipped: the agent was offline when the run started"
     return command
+
+
+def lock_run(run_id: int) -> None:
+    """Take the run's row lock (PostgreSQL; SQLite writers are serialised anyway)."""
+    Run.objects.select_for_update().filter(pk=run_id).values_list("pk", flat=True).first()
 
 
 def advance_run(run_id: int) -> None:
@@ -165,7 +175,7 @@ def advance_open_runs() -> int:
 
 def _advance(run: Run) -> None:
     # One grouped read answers every question below; it is read again only after a cancel
-    # (a release moves targets from held to queued: none of them becomes final).
+    # or a skip (a release moves targets from held to queued: none of them becomes final).
     by_status = _targets_by_status(run.pk)
     counts = _counts(by_status)
     errors = sum(counts[s] for s in states.ERRORS)
@@ -180,26 +190,65 @@ def _advance(run: Run) -> None:
     elif not run.cancel_requested and not run.reason and by_status.get(S.HELD):
         active = sum(by_status.get(s, 0) for s in (S.QUEUED, *states.ACTIVE))
         free = run.max_concurrency - active
-        if free > 0:
-            _release(run, free)
+        if free > 0 and _release(run, free):
+            by_status = _targets_by_status(run.pk)  # some ended skipped
     if all(status in states.FINAL for status in by_status):
         _finish(run, _counts(by_status))
     wakeups.notify_on_commit(run_key(run.pk))
 
 
-def _release(run: Run, places: int) -> None:
-    held = Command.objects.filter(run=run, status=S.HELD).order_by("id")
-    released = list(held.values_list("id", "agent_id")[:places])
-    if not released:
-        return
-    Command.objects.filter(id__in=[pk for pk, _ in released], status=S.HELD).update(status=S.QUEUED)
-    wakeups.notify_on_commit(*{wakeups.agent_key(agent_id) for _, agent_id in released})
+def _release(run: Run, places: int) -> int:
+    """Fill the window: targets of online agents first. Under `offline: skip` a target whose
+    agent went offline while it was held is skipped rather than released (it would hold a
+    place, and the run, until the agent returns); under `wait` it goes last. Returns how
+    many were skipped."""
+    held = Command.objects.filter(run=run, status=S.HELD)
+    skipped = 0
+    if run.offline == Run.Offline.SKIP:
+        skipped = _skip(held.exclude(online_q("agent__")))
+    ready = held.filter(online_q("agent__")).order_by("id").values_list("id", "agent_id")
+    released = list(ready[:places])
+    if len(released) < places and run.offline == Run.Offline.WAIT:
+        away = held.exclude(online_q("agent__")).order_by("id").values_list("id", "agent_id")
+        released += list(away[: places - len(released)])
+    if released:
+        ids = [pk for pk, _ in released]
+        Command.objects.filter(id__in=ids, status=S.HELD).update(status=S.QUEUED)
+        wakeups.notify_on_commit(*{wakeups.agent_key(agent_id) for _, agent_id in released})
+    return skipped
+
+
+def _skip(targets: Any) -> int:
+    return targets.update(
+        status=S.SKIPPED,
+        finished_at=timezone.now(),
+        error="skipped: the agent was offline when the target's turn came",
+    )
+
+
+def skip_unreachable_targets() -> int:
+    """The sweep: a released target of an `offline: skip` run whose agent has since gone
+    offline is skipped, so the run neither waits for it nor keeps its place (a delivered or
+    running one is the lost-command sweep's)."""
+    stranded = Command.objects.filter(
+        run__offline=Run.Offline.SKIP, run__status=Run.Status.RUNNING, status=S.QUEUED
+    ).exclude(online_q("agent__"))
+    affected = runs_of(stranded)
+    if not affected:
+        return 0
+    count = _skip(stranded)
+    advance_runs(affected)
+    return count
 
 
 def _cancel_not_started(run: Run, reason: str) -> int:
-    """Cancel the targets no agent has started (held, or queued and not yet handed out)."""
+    """Cancel the targets no agent has started (held, or queued and not yet handed out); one
+    handed out but not acknowledged yet is asked to cancel, as a running one would be."""
     waiting = Command.objects.filter(run=run, status__in=NOT_STARTED)
+    handed_out = Command.objects.filter(run=run, status=S.DELIVERED, cancel_requested=False)
     agent_ids = set(waiting.values_list("agent_id", flat=True))
+    agent_ids |= set(handed_out.values_list("agent_id", flat=True))
+    handed_out.update(cancel_requested=True)
     count = waiting.update(
         status=S.CANCELLED, finished_at=timezone.now(), error=reason, lease_expires_at=None
     )
@@ -211,12 +260,15 @@ def _cancel_not_started(run: Run, reason: str) -> int:
 def _finish(run: Run, counts: dict[str, int]) -> None:
     if run.cancel_requested:
         run.status = Run.Status.CANCELLED
-    elif counts["succeeded"] == counts["total"]:
+    elif counts["succeeded"] == counts["total"] == run.targets_total:
         run.status = Run.Status.SUCCEEDED
     else:
         run.status = Run.Status.FAILED
+        gone = run.targets_total - counts["total"]
+        if gone > 0 and not run.reason:
+            run.reason = f"{gone} target(s) were deleted with their agents before they ended"
     run.finished_at = timezone.now()
-    run.save(update_fields=["status", "finished_at"])
+    run.save(update_fields=["status", "finished_at", "reason"])
 
 
 def cancel_run(*, run: Run, user: AbstractBaseUser | None) -> Run:

@@ -192,7 +192,18 @@ def _agent_time(value: float | None) -> datetime | None:
     return moment if abs((moment - timezone.now()).total_seconds()) < 86400 else None
 
 
-def _locked_command(*, agent: Agent, command_id: int) -> Command:
+def _locked_command(*, agent: Agent, command_id: int, with_run: bool = False) -> Command:
+    """The agent's command, row-locked. `with_run`: its run first (a result or a cancel may
+    move the run on), so that every path locks a run before its commands and two of them
+    never wait on each other (cancel_run takes the run, then updates the commands)."""
+    if with_run:
+        run_id = (
+            Command.objects.filter(pk=command_id, agent=agent)
+            .values_list("run_id", flat=True)
+            .first()
+        )
+        if run_id is not None:
+            runs.lock_run(run_id)
     return Command.objects.select_for_update().get(pk=command_id, agent=agent)
 
 
@@ -236,7 +247,7 @@ def record_result(*, agent: Agent, command_id: int, result: Result) -> None:
     every byte arrived (a shortfall answers offset_gap, nothing is stored). The apps above
     hear of it (command_finished) in the same transaction."""
     with transaction.atomic():
-        command = _locked_command(agent=agent, command_id=command_id)
+        command = _locked_command(agent=agent, command_id=command_id, with_run=True)
         if not states.takes_agent_reports(command.status) or command.status == result.status:
             return
         chunks = result.chunks
@@ -274,7 +285,7 @@ def _finish(
 def cancel_command(*, command: Command, user: AbstractBaseUser | None) -> Command:
     """Cancel at once if queued; otherwise ask the agent, whose long-poll wakes for it."""
     with transaction.atomic():
-        command = Command.objects.select_for_update().get(pk=command.pk)
+        command = _locked_command(agent=command.agent, command_id=command.pk, with_run=True)
         if states.is_final(command.status):
             raise Conflict(f"command is already {command.status}", code="already_final")
         if command.status in (S.HELD, S.QUEUED):

@@ -8,6 +8,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from tether.accounts.services import audit
@@ -264,6 +265,13 @@ def agent_is_online(agent: Agent) -> bool:
 
 
 ONLINE_STATUSES = (Agent.Status.ONLINE, Agent.Status.UPGRADING)
+
+
+def online_q(path: str = "") -> Q:
+    """agent_is_online as a query condition, for `path` the way to the agent ("agent__")."""
+    return Q(
+        **{f"{path}status__in": ONLINE_STATUSES, f"{path}last_heartbeat__gte": offline_cutoff()}
+    )
 
 
 def heartbeat_is_fresh(agent: Agent) -> bool:

@@ -75,15 +75,18 @@ def _start_run(request: HttpRequest) -> Run:
     body = run_body(request.POST, request.user)
     data = RunInput(data=body)
     data.is_valid(raise_exception=True)
-    wanted = run_request(request.user, data.validated_data)
     # The form's one-time key makes a double click (or a resent POST) one run, not two.
     key = request.POST.get("idempotency_key", "").strip()[:200]
     posted = {name: request.POST.getlist(name) for name in request.POST if name not in FORM_ONLY}
+    request_hash = runs.fingerprint(posted) if key else ""
+    earlier = runs.replayed_run(request.user, key, request_hash) if key else None
+    if earlier is not None:
+        return earlier
     run, _ = runs.create_run(
         user=request.user,
-        request=wanted,
+        request=run_request(request.user, data.validated_data),
         idempotency_key=key,
-        request_hash=wanted.fingerprint(posted) if key else "",
+        request_hash=request_hash,
     )
     return run
 

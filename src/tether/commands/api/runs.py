@@ -11,6 +11,7 @@ from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import Q, QuerySet
 from django.http import HttpRequest, HttpResponse
+from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import exceptions, mixins, serializers, status, viewsets
 from rest_framework.decorators import action
@@ -28,7 +29,7 @@ from ..models import Command, OutputChunk, Run
 from ..selectors import runs_visible_to, templates_visible_to
 from .serializers import MAX_COMMAND_CHARS
 
-PERCENT = re.compile(r"(\d{1,3})%")
+PERCENT = re.compile(r"([0-9]{1,3})%")
 MAX_TARGET_NAMES = 10_000
 
 
@@ -44,7 +45,9 @@ class Limit(serializers.Field):
             raise serializers.ValidationError('Give a number or a percentage such as "20%".')
         if isinstance(data, int):
             if not self.minimum <= data <= 1_000_000:
-                raise serializers.ValidationError(f"Must be {self.minimum} or more.")
+                raise serializers.ValidationError(
+                    f"A number from {self.minimum} to 1000000, or a percentage."
+                )
             return data
         match = PERCENT.fullmatch(data) if isinstance(data, str) else None
         if match is None:
@@ -250,12 +253,15 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         key = request.headers.get("Idempotency-Key", "").strip()
         if len(key) > 200:
             raise exceptions.ValidationError({"Idempotency-Key": ["At most 200 characters."]})
-        wanted = run_request(request.user, data.validated_data)
+        request_hash = runs.fingerprint(request.data) if key else ""
+        earlier = runs.replayed_run(request.user, key, request_hash) if key else None
+        if earlier is not None:
+            return Response(RunSerializer(earlier).data, status=status.HTTP_200_OK)
         run, created = runs.create_run(
             user=request.user,
-            request=wanted,
+            request=run_request(request.user, data.validated_data),
             idempotency_key=key,
-            request_hash=wanted.fingerprint(request.data) if key else "",
+            request_hash=request_hash,
         )
         answer = RunSerializer(run).data
         return Response(answer, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
@@ -322,6 +328,7 @@ async def run_events(run_id: int) -> AsyncIterator[str]:
     sent: dict[tuple[int, str], int] = {}
     decoders: dict[tuple[int, str], Any] = {}
     statuses: dict[int, str] = {}
+    flushed: set[int] = set()
     last_counts: dict[str, int] | None = None
     last_sent = time.monotonic()
     with wakeups.subscribe(runs.run_key(run_id)) as waiter:
@@ -363,6 +370,26 @@ async def run_events(run_id: int) -> AsyncIterator[str]:
                     last_id = max(old[2], last_ids.get(command_id, 0))
                     seen[command_id] = (done_out, done_err, last_id)
             for command_id, agent, host, state, exit_code, *_ in snap.targets:
+                if states.is_final(state) and command_id not in flushed:
+                    # Every chunk of a final target has been read: what a decoder still
+                    # holds (a character cut by the output cap) is sent as the single-command
+                    # stream sends it, at offset -1.
+                    flushed.add(command_id)
+                    for stream in ("stdout", "stderr"):
+                        decoder = decoders.pop((command_id, stream), None)
+                        tail = decoder.decode(b"", final=True) if decoder else ""
+                        if tail:
+                            yield event(
+                                "output",
+                                {
+                                    "command": command_id,
+                                    "agent": agent,
+                                    "hostname": host,
+                                    "stream": stream,
+                                    "offset": -1,
+                                    "data": tail,
+                                },
+                            )
                 if statuses.get(command_id) != state:
                     statuses[command_id] = state
                     yield event(
@@ -400,5 +427,6 @@ async def run_events(run_id: int) -> AsyncIterator[str]:
                 last_sent = time.monotonic()
 
 
+@csrf_exempt  # GET only (anything else is a JSON 405); nothing here reads a form
 async def run_stream(request: HttpRequest, run_id: int) -> HttpResponse:
     return await open_stream(request, runs_visible_to, run_id, run_events)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse
+from django.views.decorators.csrf import csrf_exempt
 
 from tether import wakeups
 from tether.db import run_db
@@ -82,5 +83,6 @@ async def _events(command_id: int) -> AsyncIterator[str]:
                 last_sent = time.monotonic()
 
 
+@csrf_exempt  # GET only (anything else is a JSON 405); nothing here reads a form
 async def command_stream(request: HttpRequest, command_id: int) -> HttpResponse:
     return await open_stream(request, commands_visible_to, command_id, _events)

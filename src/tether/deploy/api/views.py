@@ -3,6 +3,7 @@ start them: `/api/agents/{id}/upgrade|stop|start/` and `/api/servers/{id}/instal
 
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
+from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.utils import extend_schema, inline_serializer
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
@@ -39,6 +40,7 @@ class DeploymentViewSet(mixins.RetrieveModelMixin, mixins.ListModelMixin, viewse
         return Response(DeploymentSerializer(deployment).data, status=202)
 
 
+@csrf_exempt  # GET only (anything else is a JSON 405); nothing here reads a form
 async def deployment_stream(request: HttpRequest, deployment_id: int) -> HttpResponse:
     return await open_stream(request, deployments_visible_to, deployment_id, deployment_events)
 
