@@ -137,3 +137,24 @@ class PollErrorsTestCase(BaseTestCase):
 
         await command.arefresh_from_db()
         self.assertEqual(command.status, "queued")
+
+
+class NestedJsonTestCase(BaseTestCase):
+    """A body nested deeper than the decoder can go is a 400 on every JSON endpoint, with or
+    without a login; never a RecursionError and a 500."""
+
+    def test_it_is_refused_everywhere(self) -> None:
+        body = "[" * 100_000 + "]" * 100_000
+        anonymous = APIClient()
+        for client, url in (
+            (anonymous, "/api/auth/token/"),
+            (anonymous, "/api/agents/register/"),
+            (self.client, "/api/runs/"),
+            (self.client, "/api/servers/"),
+            (self.client, "/api/rollouts/"),
+            (self.client, "/api/agents/check_status/"),
+            (self.client, f"/api/agents/{self.agent.pk}/send_command/"),
+        ):
+            with self.subTest(url=url):
+                response = client.post(url, body, content_type="application/json")
+                self.assertError(response, 400)

@@ -116,6 +116,20 @@ class WavesTestCase(RolloutTestCase):
         self.assertEqual([row["hostname"] for row in detail["not_started"]], ["web-2"])
 
 
+class BusyAgentTestCase(RolloutTestCase):
+    def test_an_agent_busy_with_another_deployment_is_left_to_it(self) -> None:
+        manual = self.post_json(f"/api/agents/{self.agents[0].pk}/stop/", {}).json()
+
+        rollout = self.start(batch_size=1, targets={"agents": ["web-1"]})
+
+        stop = Deployment.objects.get(pk=manual["deployment_id"])
+        self.assertIn(stop.status, services.ACTIVE)  # not superseded by the rollout
+        (refused,) = self.deployments(rollout)
+        self.assertEqual(refused.status, D.FAILED)
+        self.assertIn(f"another deployment of web-1 is running (#{stop.pk})", refused.log)
+        self.assertEqual(self.read(rollout)["status"], "failed")
+
+
 class CancelRolloutTestCase(RolloutTestCase):
     def test_cancel_stops_further_waves_and_the_running_upgrades(self) -> None:
         rollout = self.start(batch_size=2)

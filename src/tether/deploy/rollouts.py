@@ -105,6 +105,12 @@ def _advance(rollout: Rollout) -> None:
 
 def _upgrade(rollout: Rollout, agent: Agent) -> None:
     try:
+        busy = Deployment.objects.filter(agent=agent, status__in=ACTIVE).first()
+        if busy is not None:
+            # A rollout never supersedes an operator's own stop, start or upgrade.
+            raise Conflict(
+                f"another deployment of {agent.hostname} is running (#{busy.pk})", code="busy"
+            )
         lifecycle.request_deployment(
             kind=Deployment.Kind.UPGRADE,
             server=agent.server,

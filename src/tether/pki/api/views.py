@@ -69,7 +69,7 @@ def _target(request: HttpRequest, agent_id: int) -> rpc.Target | None:
         raise exceptions.NotFound()
     try:
         body = json.loads(request.body or b"{}")
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise exceptions.ParseError("The body is not JSON.") from exc
     if body != {}:
         raise exceptions.ValidationError("check_status takes no fields.")
@@ -112,7 +112,7 @@ def _fleet_targets(request: HttpRequest) -> dict[str, Any]:
     user = authenticated_user(request)
     try:
         body = json.loads(request.body or b"{}")
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise exceptions.ParseError("The body is not JSON.") from exc
     data = FleetCheckInput(data=body)
     data.is_valid(raise_exception=True)
