@@ -9,7 +9,7 @@ from django.test import override_settings
 from tether.accounts.models import AuditEvent
 from tether.commands import runs
 from tether.commands import services as command_services
-from tether.commands.api.runs import run_events
+from tether.commands.api.run_stream import run_events
 from tether.commands.command_templates import validate_parameters
 from tether.commands.models import Command, CommandTemplate, OutputChunk, Run
 from tether.commands.output import Chunk

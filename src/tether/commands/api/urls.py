@@ -3,7 +3,8 @@
 from django.urls import include, path
 from rest_framework.routers import SimpleRouter
 
-from .runs import RunViewSet, run_stream
+from .run_stream import run_stream
+from .runs import RunViewSet
 from .stream import command_stream
 from .views import AgentCommandViewSet, CommandTemplateViewSet, CommandViewSet
 
