@@ -138,6 +138,13 @@ class CreateRunTestCase(RunTestCase):
         self.assertEqual(run["command"], "systemctl restart 'a b'")
         self.assertEqual(self.targets(run)[0].command, "systemctl restart 'a b'")
 
+    def test_a_template_run_is_a_shell_line_even_with_an_empty_args_list(self) -> None:
+        template = CommandTemplate.objects.create(owner=self.alice, name="up", command="uptime")
+
+        run = self.start(command=None, template=template.pk, args=[])
+
+        self.assertIsNone(self.targets(run)[0].args)
+
 
 class OfflineTargetsTestCase(RunTestCase):
     def setUp(self) -> None:

@@ -188,3 +188,12 @@ class SendCommandTestCase(BaseTestCase):
 
         self.assertEqual(response.status_code, 201, response.content)
         self.assertEqual(Command.objects.get().created_by, self.bob)
+
+
+class TemplateIdBoundsTestCase(BaseTestCase):
+    def test_a_template_id_past_any_row_is_refused_not_a_server_error(self) -> None:
+        url = f"/api/agents/{self.agent.pk}/send_command/"
+        for template in (0, 2**64):
+            with self.subTest(template=template):
+                self.assertError(self.post_json(url, {"template": template}), 400, "invalid")
+        self.assertFalse(Command.objects.exists())

@@ -76,12 +76,9 @@ def create_run(
     request_hash: str = "",
 ) -> tuple[Run, bool]:
     """Create the run and all its targets in one transaction, release the first window and
-    wake exactly those agents. With an `idempotency_key` already used by this user, answer
-    that run instead (False: not created); the same key for another request is a 409."""
-    if idempotency_key:
-        earlier = replayed_run(user, idempotency_key, request_hash)
-        if earlier is not None:
-            return earlier, False
+    wake exactly those agents. The caller has looked for a replay of `idempotency_key`
+    (replayed_run); a request that races another with the same key past that look gets the
+    run the database kept (False: not created)."""
     total = len(request.agents)
     try:
         with transaction.atomic():

@@ -73,15 +73,20 @@ def send_command(
     (each shell-quoted by the template). The API and the web UI both come here; values that
     do not fit the template are a 400 (`params`) and queue nothing."""
     if template is not None:
-        try:
-            command = command_templates.render(template.command, template.parameters, params or {})
-        except command_templates.TemplateError as exc:
-            raise exceptions.ValidationError({"params": [str(exc)]}) from exc
-        args = None
+        command, args = render_template(template, params), None
         timeout = timeout or template.timeout
     if command is None:
         raise exceptions.ValidationError("Give either a command or a template.")
     return queue_command(agent=agent, command=command, args=args, timeout=timeout, user=user)
+
+
+def render_template(template: CommandTemplate, params: dict[str, Any] | None) -> str:
+    """The template's command line with `params` shell-quoted into it; values that do not
+    fit the template are a 400 (`params`)."""
+    try:
+        return command_templates.render(template.command, template.parameters, params or {})
+    except command_templates.TemplateError as exc:
+        raise exceptions.ValidationError({"params": [str(exc)]}) from exc
 
 
 @dataclass

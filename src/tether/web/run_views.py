@@ -21,7 +21,7 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 from rest_framework import exceptions
 
 from tether.commands import runs
-from tether.commands.api.runs import RunInput, run_request
+from tether.commands.api.runs import RunInput, start_run
 from tether.commands.models import Command, Run
 from tether.commands.selectors import (
     run_targets,
@@ -78,16 +78,7 @@ def _start_run(request: HttpRequest) -> Run:
     # The form's one-time key makes a double click (or a resent POST) one run, not two.
     key = request.POST.get("idempotency_key", "").strip()[:200]
     posted = {name: request.POST.getlist(name) for name in request.POST if name not in FORM_ONLY}
-    request_hash = runs.fingerprint(posted) if key else ""
-    earlier = runs.replayed_run(request.user, key, request_hash) if key else None
-    if earlier is not None:
-        return earlier
-    run, _ = runs.create_run(
-        user=request.user,
-        request=run_request(request.user, data.validated_data),
-        idempotency_key=key,
-        request_hash=request_hash,
-    )
+    run, _ = start_run(request.user, data.validated_data, key=key, body=posted)
     return run
 
 

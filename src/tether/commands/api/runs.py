@@ -12,13 +12,14 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from tether.fleet.models import Agent
 from tether.fleet.selectors import resolve_targets
 from tether.serializers import StrictBoolean, StrictInputMixin
 
-from .. import command_templates, runs
+from .. import runs, services
 from ..models import Command, Run
 from ..selectors import runs_visible_to, templates_visible_to
-from .serializers import MAX_COMMAND_CHARS
+from .serializers import CommandInput
 
 PERCENT = re.compile(r"([0-9]{1,3})%")
 MAX_TARGET_NAMES = 10_000
@@ -80,38 +81,25 @@ class TargetsInput(StrictInputMixin, serializers.Serializer):
         return data
 
 
-class RunInput(StrictInputMixin, serializers.Serializer):
-    command = serializers.CharField(
-        max_length=MAX_COMMAND_CHARS, trim_whitespace=False, required=False
-    )
-    args = serializers.ListField(
-        child=serializers.CharField(
-            max_length=MAX_COMMAND_CHARS, trim_whitespace=False, allow_blank=True
-        ),
-        max_length=256,
-        required=False,
-        allow_null=True,
-    )
-    template = serializers.IntegerField(required=False, min_value=1, max_value=2**62)
-    params = serializers.DictField(required=False)
+class RunInput(CommandInput):
+    """`POST /api/runs/`: what to run (as send_command takes it), where, and how."""
+
     targets = TargetsInput()
-    timeout = serializers.IntegerField(
-        min_value=1, max_value=settings.COMMAND_TIMEOUT_MAX, required=False
-    )
     max_concurrency = Limit(minimum=1, required=False)
     max_errors = Limit(minimum=0, required=False, allow_null=True)
     offline = serializers.ChoiceField(choices=Run.Offline.choices, default=Run.Offline.SKIP)
 
-    def validate(self, data: dict[str, Any]) -> dict[str, Any]:
-        if ("command" in data) == ("template" in data):
-            raise serializers.ValidationError("Give either `command` or `template`.")
-        if "template" in data and data.get("args"):
-            raise serializers.ValidationError("`args` cannot be combined with a template.")
-        if "params" in data and "template" not in data:
-            raise serializers.ValidationError("`params` only go with a template.")
-        if "command" in data and not data["command"].strip():
-            raise serializers.ValidationError({"command": ["This field may not be blank."]})
-        return data
+
+def target_agents(user: AbstractBaseUser, targets: dict[str, Any]) -> list[Agent]:
+    """The agents a validated `TargetsInput` names, as `user` may see them (runs, rollouts
+    and the fleet-wide status check alike)."""
+    return resolve_targets(
+        user,
+        agents=targets.get("agents", []),
+        tags=targets.get("tags", []),
+        servers=targets.get("servers", []),
+        everything=targets.get("all", False),
+    )
 
 
 class RunTargetSerializer(serializers.ModelSerializer):
@@ -188,31 +176,18 @@ class RunSerializer(RunSummarySerializer):
 
 def run_request(user: AbstractBaseUser, values: dict[str, Any]) -> runs.RunRequest:
     """What `RunInput`'s validated values ask for, with the targets and the template resolved
-    as `user` may see them (the API and the "Run on many" page alike): another user's
-    agent, server or template is a 404; a template's values that do not fit, a 400."""
-    targets = values["targets"]
-    agents = resolve_targets(
-        user,
-        agents=targets.get("agents", []),
-        tags=targets.get("tags", []),
-        servers=targets.get("servers", []),
-        everything=targets.get("all", False),
-    )
+    as `user` may see them: another user's agent, server or template is a 404; a template's
+    values that do not fit, a 400."""
     template = None
     command, args, timeout = values.get("command"), values.get("args"), values.get("timeout")
     if "template" in values:
         template = templates_visible_to(user).filter(pk=values["template"]).first()
         if template is None:
             raise exceptions.NotFound("No such template.")
-        try:
-            command = command_templates.render(
-                template.command, template.parameters, values.get("params", {})
-            )
-        except command_templates.TemplateError as exc:
-            raise exceptions.ValidationError({"params": [str(exc)]}) from exc
+        command, args = services.render_template(template, values.get("params")), None
         timeout = timeout or template.timeout
     return runs.RunRequest(
-        agents=agents,
+        agents=target_agents(user, values["targets"]),
         command=command,
         args=args,
         timeout=timeout or settings.COMMAND_TIMEOUT_DEFAULT,
@@ -220,6 +195,24 @@ def run_request(user: AbstractBaseUser, values: dict[str, Any]) -> runs.RunReque
         max_errors=values.get("max_errors"),
         offline=values["offline"],
         template=template,
+    )
+
+
+def start_run(
+    user: AbstractBaseUser, values: dict[str, Any], *, key: str = "", body: Any = None
+) -> tuple[Run, bool]:
+    """Start the run `RunInput`'s validated values ask for (the API and the "Run on many"
+    page alike); False: a retry with its `key`, answered with the run it made (looked up
+    before the targets are resolved, so a retry answers even when the fleet has changed)."""
+    request_hash = runs.fingerprint(body) if key else ""
+    earlier = runs.replayed_run(user, key, request_hash) if key else None
+    if earlier is not None:
+        return earlier, False
+    return runs.create_run(
+        user=user,
+        request=run_request(user, values),
+        idempotency_key=key,
+        request_hash=request_hash,
     )
 
 
@@ -244,16 +237,7 @@ class RunViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.Gene
         key = request.headers.get("Idempotency-Key", "").strip()
         if len(key) > 200:
             raise exceptions.ValidationError({"Idempotency-Key": ["At most 200 characters."]})
-        request_hash = runs.fingerprint(request.data) if key else ""
-        earlier = runs.replayed_run(request.user, key, request_hash) if key else None
-        if earlier is not None:
-            return Response(RunSerializer(earlier).data, status=status.HTTP_200_OK)
-        run, created = runs.create_run(
-            user=request.user,
-            request=run_request(request.user, data.validated_data),
-            idempotency_key=key,
-            request_hash=request_hash,
-        )
+        run, created = start_run(request.user, data.validated_data, key=key, body=request.data)
         answer = RunSerializer(run).data
         return Response(answer, status=status.HTTP_201_CREATED if created else status.HTTP_200_OK)
 

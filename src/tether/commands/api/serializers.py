@@ -58,7 +58,9 @@ class CommandSerializer(CommandSummarySerializer):
         return output.output_text(command, "stderr")
 
 
-class SendCommandInput(StrictInputMixin, serializers.Serializer):
+class CommandInput(StrictInputMixin, serializers.Serializer):
+    """What to run: a line, an argv, or a template with its values (send_command and runs)."""
+
     command = serializers.CharField(
         max_length=MAX_COMMAND_CHARS, trim_whitespace=False, required=False
     )
@@ -73,7 +75,7 @@ class SendCommandInput(StrictInputMixin, serializers.Serializer):
     timeout = serializers.IntegerField(
         min_value=1, max_value=settings.COMMAND_TIMEOUT_MAX, required=False
     )
-    template = serializers.IntegerField(required=False)
+    template = serializers.IntegerField(required=False, min_value=1, max_value=2**62)
     params = serializers.DictField(required=False)
 
     def validate(self, data: dict[str, Any]) -> dict[str, Any]:
@@ -86,6 +88,10 @@ class SendCommandInput(StrictInputMixin, serializers.Serializer):
         if "command" in data and not data["command"].strip():
             raise serializers.ValidationError({"command": ["This field may not be blank."]})
         return data
+
+
+class SendCommandInput(CommandInput):
+    """`POST /api/agents/{id}/send_command/`."""
 
 
 class CommandTemplateSerializer(StrictInputMixin, serializers.ModelSerializer):

@@ -9,9 +9,8 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from tether.commands.api.runs import TargetsInput
+from tether.commands.api.runs import TargetsInput, target_agents
 from tether.fleet.models import Agent
-from tether.fleet.selectors import resolve_targets
 from tether.serializers import StrictInputMixin
 
 from .. import rollouts
@@ -88,13 +87,7 @@ class RolloutViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
         data = RolloutInput(data=request.data)
         data.is_valid(raise_exception=True)
         targets = data.validated_data["targets"]
-        agents = resolve_targets(
-            request.user,
-            agents=targets.get("agents", []),
-            tags=targets.get("tags", []),
-            servers=targets.get("servers", []),
-            everything=targets.get("all", False),
-        )
+        agents = target_agents(request.user, targets)
         rollout = rollouts.start_rollout(
             user=request.user,
             agents=agents,

@@ -14,13 +14,13 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from tether.commands.api.runs import TargetsInput
+from tether.commands.api.runs import TargetsInput, target_agents
 from tether.db import run_db
 from tether.errors import json_error
 from tether.fleet.agent_views import error_response
 from tether.fleet.api.views import AgentActionViewSet
 from tether.fleet.models import Agent
-from tether.fleet.selectors import agents_visible_to, resolve_targets
+from tether.fleet.selectors import agents_visible_to
 from tether.serializers import StrictBoolean, StrictInputMixin
 from tether.sse import authenticated_user
 
@@ -117,13 +117,7 @@ def _fleet_targets(request: HttpRequest) -> dict[str, Any]:
     data = FleetCheckInput(data=body)
     data.is_valid(raise_exception=True)
     targets = data.validated_data["targets"]
-    agents = resolve_targets(
-        user,
-        agents=targets.get("agents", []),
-        tags=targets.get("tags", []),
-        servers=targets.get("servers", []),
-        everything=targets.get("all", False),
-    )
+    agents = target_agents(user, targets)
     return {"agents": agents, "targets": services.rpc_targets(agents)}
 
 
