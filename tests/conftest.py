@@ -83,6 +83,22 @@ def _database_work_in_the_test_thread(settings: Any) -> None:
     settings.DB_THREADS = 0
 
 
+@pytest.fixture(autouse=True)
+def _fresh_agent_caches() -> Iterator[None]:
+    """Each test rolls the database back; what the process remembers of agents (their
+    credentials, which have work) must not outlive it."""
+    from tether.commands.poll import hub
+    from tether.fleet import heartbeats
+    from tether.fleet.authentication import clear_cache
+
+    clear_cache()
+    hub.resync()
+    hub.work.clear()
+    heartbeats.discard()
+    yield
+    clear_cache()
+
+
 def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
     for proc in _processes:
         if proc.poll() is None:

@@ -1,4 +1,7 @@
-"""The ASGI application: Django, with a thin route in front of it for the agent API.
+"""The ASGI application: Django, with thin routes in front of it for the agent API.
+
+The long-poll (every idle agent, all the time) is answered by tether.commands.poll straight
+from the ASGI scope: no Django request, no URL resolution, no DRF.
 
 Agent endpoints are the hot path (every poll, every output chunk, every result), and they
 use none of the human-facing middleware (sessions, CSRF, messages, clickjacking): under
@@ -28,6 +31,8 @@ from django.core.handlers.asgi import ASGIHandler  # noqa: E402
 from django.http import HttpRequest, HttpResponse  # noqa: E402
 from django.urls import Resolver404, get_resolver, set_urlconf  # noqa: E402
 
+from tether import wakeups  # noqa: E402
+from tether.commands import poll  # noqa: E402
 from tether.db import run_db  # noqa: E402
 from tether.errors import json_error, server_error  # noqa: E402
 
@@ -80,6 +85,10 @@ class TetherASGIHandler(ASGIHandler):
         """Agent requests skip Django's per-request ThreadSensitiveContext: it gives every
         request a thread of its own for sync work, so each held long-poll would hold an idle
         thread. Their database work runs on the pool in tether.db instead."""
+        if scope["type"] == "http" and scope["path"] in poll.PATHS:
+            # The hottest path of all: no Django request, no URL resolution (tether.commands.poll).
+            await poll.serve(scope, receive, send)
+            return
         match = agent_endpoint_match(scope.get("path", "")) if scope["type"] == "http" else None
         self.agent_match.set(match)
         self.too_large.set(False)
@@ -144,3 +153,5 @@ class TetherASGIHandler(ASGIHandler):
 
 
 application = TetherASGIHandler()
+# Other server processes' notifications (PostgreSQL; nothing to do on SQLite).
+wakeups.start_listener()

@@ -1,7 +1,6 @@
 """Agent-facing command endpoints: the long-poll that hands out commands, and progress and
 results (both dialects)."""
 
-import time
 from typing import Any
 
 from django.conf import settings
@@ -14,21 +13,14 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from tether import wakeups
-from tether.db import run_db
-from tether.errors import json_error
-from tether.fleet import services as fleet_services
 from tether.fleet.agent_views import (
     AgentAPIView,
     RawText,
     agent_endpoint,
-    check_body_size,
-    error_response,
     peer_address,
 )
-from tether.fleet.authentication import authenticate_agent
-from tether.fleet.models import Agent
 
-from . import reports, services, states
+from . import poll, reports, services, states
 from .models import Command
 
 
@@ -104,73 +96,26 @@ class CommandResultView(AgentAPIView):
 # ---------------------------------------------------------------------------------------------
 
 
-def _poll_params(request: HttpRequest) -> tuple[float, str | None, int | None]:
-    try:
-        wait = float(request.GET.get("wait") or 0)
-        rpc_port = int(request.GET["rpc_port"]) if request.GET.get("rpc_port") else None
-    except ValueError as exc:
-        raise exceptions.ValidationError("wait and rpc_port must be numbers") from exc
-    if wait != wait or wait < 0:  # NaN or negative
-        raise exceptions.ValidationError("wait must be a number of seconds >= 0")
-    if rpc_port is not None and not 0 <= rpc_port <= 65535:
-        raise exceptions.ValidationError("rpc_port must be 0..65535")
-    wait = min(wait, fleet_services.effective_long_poll_timeout())
-    return wait, (request.GET.get("version") or None), rpc_port
-
-
-def _open_poll(
-    request: HttpRequest, waiter: wakeups.Waiter
-) -> tuple[Agent, float, services.Delivery]:
-    """Authenticate, subscribe to wake-ups, record the heartbeat and claim work: one trip
-    to the database thread. Subscribing before the claim means a command queued in between
-    still wakes the poll."""
-    check_body_size(request, settings.MAX_REQUEST_BYTES)
-    agent = authenticate_agent(request)
-    wait, version, rpc_port = _poll_params(request)
-    wakeups.register(wakeups.agent_key(agent.pk), waiter)
-    fleet_services.record_heartbeat(
-        agent=agent, version=version, rpc_port=rpc_port, address=peer_address(request)
-    )
-    return agent, wait, services.claim_commands(agent=agent)
-
-
-def _poll_answer(agent: Agent, delivery: services.Delivery) -> dict[str, Any]:
-    return {
-        "commands": [services.as_delivered(c) for c in delivery.commands],
-        "cancel": delivery.cancel,
-        "config": fleet_services.agent_config(agent),
-    }
-
-
 @agent_endpoint
 @csrf_exempt
 async def poll_commands(request: HttpRequest) -> HttpResponse:
-    """Long-poll: answer as soon as there is work (or a cancel) for this agent, else after
-    `wait` seconds. Every poll is a heartbeat."""
-    if request.method not in ("GET", "POST"):
-        return json_error("method_not_allowed", f"Method {request.method} not allowed.", 405)
+    """The long-poll as a Django view, for in-process clients (the test client): under
+    `tether serve` tether.asgi answers the poll paths with `poll.serve` before Django sees
+    them. Both answer with `poll.answer_poll`."""
+    poll_request = poll.PollRequest(
+        method=request.method or "GET",
+        path=request.get_full_path(),
+        query=request.GET.dict(),
+        headers={name.lower(): value for name, value in request.headers.items()},
+        body=request.body,
+        peer=peer_address(request),
+    )
     with wakeups.subscribe() as waiter:
-        try:
-            agent, wait, delivery = await run_db(_open_poll, request, waiter)
-        except exceptions.APIException as exc:
-            return error_response(exc)
-        deadline = time.monotonic() + wait
-        while not (delivery.commands or delivery.cancel):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            await waiter.wait(min(remaining, settings.POLL_RECHECK))
-            delivery = await run_db(services.claim_commands, agent=agent)
-    return JsonResponse(_poll_answer(agent, delivery))
-
-
-@agent_endpoint
-@csrf_exempt
-async def deprecated_command_poll(request: HttpRequest) -> HttpResponse:
-    """`POST /api/agents/command/`: the original poll path, kept with a Deprecation header."""
-    response = await poll_commands(request)
-    response["Deprecation"] = "true"
-    response["Link"] = '</api/agents/poll_commands/>; rel="successor-version"'
+        status, body = await poll.answer_poll(poll_request, waiter)
+    response = JsonResponse(body, status=status)
+    if poll.PATHS.get(request.path):
+        for name, value in poll.DEPRECATION_HEADERS:
+            response[name.decode()] = value.decode()
     return response
 
 
@@ -178,7 +123,7 @@ async def deprecated_command_poll(request: HttpRequest) -> HttpResponse:
 urlpatterns = [
     path("poll_commands/", poll_commands),
     path("poll/", poll_commands),
-    path("command/", deprecated_command_poll),
+    path("command/", poll_commands),
 ]
 for prefix in ("command", "commands"):
     urlpatterns += [

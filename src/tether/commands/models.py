@@ -75,6 +75,8 @@ class Command(models.Model):
         indexes = [
             models.Index(fields=["agent", "status"], name="command_agent_status"),
             models.Index(fields=["run", "status"], name="command_run_status"),
+            # The poll hub's query: agents with work, without reading finished commands.
+            models.Index(fields=["status", "agent"], name="command_status_agent"),
         ]
 
     def __str__(self) -> str:

@@ -98,23 +98,47 @@ class Delivery:
 
 
 CANCEL_RESEND = timedelta(seconds=5)
+# Commands one poll hands out at most.
+CLAIM_LIMIT = 20
 
 
 def _report_deadline(start: datetime, timeout: int) -> datetime:
     return start + timedelta(seconds=timeout + settings.COMMAND_LEASE + settings.LOST_GRACE)
 
 
-def claim_commands(*, agent: Agent, limit: int = 20) -> Delivery:
+def _due(now: datetime) -> Q:
+    """Commands to hand out: queued, or delivered with their lease run out; not cancelled."""
+    return (Q(status=S.QUEUED) | Q(status=S.DELIVERED, lease_expires_at__lt=now)) & Q(
+        cancel_requested=False
+    )
+
+
+def _cancel_due(now: datetime) -> Q:
+    """Cancels the agent must be told of: never sent, or not lately."""
+    return Q(cancel_requested=True, status__in=states.ACTIVE) & (
+        Q(cancel_sent_at__isnull=True) | Q(cancel_sent_at__lt=now - CANCEL_RESEND)
+    )
+
+
+def agents_with_work() -> set[int]:
+    """Every agent with something to hand out or a cancel to send: one query for all held
+    long-polls (the poll hub's safety net for what no notification announces, such as a
+    lease running out)."""
+    now = timezone.now()
+    return set(
+        Command.objects.filter(_due(now) | _cancel_due(now))
+        .order_by()
+        .values_list("agent_id", flat=True)
+        .distinct()
+    )
+
+
+def claim_commands(*, agent: Agent, limit: int = CLAIM_LIMIT) -> Delivery:
     """Hand out queued commands (and delivered ones whose lease ran out) to the agent, and
     the cancels it has not been told of lately. A command with a cancel pending is never
     handed out again: the agent is told to cancel it instead."""
     now = timezone.now()
-    due = (Q(status=S.QUEUED) | Q(status=S.DELIVERED, lease_expires_at__lt=now)) & Q(
-        cancel_requested=False
-    )
-    cancel_due = Q(cancel_requested=True, status__in=states.ACTIVE) & (
-        Q(cancel_sent_at__isnull=True) | Q(cancel_sent_at__lt=now - CANCEL_RESEND)
-    )
+    due, cancel_due = _due(now), _cancel_due(now)
     # Most polls find nothing: answer those with one read, without taking the write lock. The
     # same read says what there is: work (a row without a cancel), cancels to send, or both.
     found = set(
@@ -325,8 +349,7 @@ def mark_lost_commands() -> int:
         lost.filter(id__in=ids),
         "the agent stopped reporting on the command (offline, or past its timeout)",
     )
-    for command_id in ids:
-        wakeups.notify(wakeups.command_key(command_id))
+    wakeups.notify_on_commit(*[wakeups.command_key(command_id) for command_id in ids])
     runs.advance_runs(affected_runs)
     return count
 
@@ -347,8 +370,7 @@ def mark_commands_lost_on_reregister(*, agent: Agent, replaced: bool = True) -> 
     ids = list(active.values_list("id", flat=True))
     affected_runs = runs.runs_of(active)
     count = _mark_lost(active, "the agent registered again while the command was active")
-    for command_id in ids:
-        wakeups.notify_on_commit(wakeups.command_key(command_id))
+    wakeups.notify_on_commit(*[wakeups.command_key(command_id) for command_id in ids])
     runs.advance_runs(affected_runs)
     return count
 

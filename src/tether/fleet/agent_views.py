@@ -31,9 +31,13 @@ def agent_endpoint(view: Any) -> Any:
 def peer_address(request: HttpRequest) -> str | None:
     """The agent's address as the throttles see it (X-Forwarded-For only behind NUM_PROXIES
     proxies): where the server reaches its RPC endpoint."""
-    address = BaseThrottle().get_ident(request)
+    return address_of(BaseThrottle().get_ident(request))
+
+
+def address_of(ident: str) -> str | None:
+    """A throttle ident as an address to store, or None when it is not one."""
     try:
-        parsed = ipaddress.ip_address(address)
+        parsed = ipaddress.ip_address(ident)
     except ValueError:
         return None
     # A scoped IPv6 address loses its scope in the database: not a usable RPC target.

@@ -1,13 +1,19 @@
 """The one authentication class for every agent-facing view (`X-Agent-Token`)."""
 
+import copy
 import hmac
+import threading
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
 from django.http import HttpRequest
 from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication
+
+from tether import wakeups
 
 from . import credentials
 from .models import Agent
@@ -30,34 +36,139 @@ class AgentTokenAuthentication(BaseAuthentication):
 
 
 def authenticate_agent(request: HttpRequest) -> Agent:
-    """Return the calling agent or raise AuthenticationFailed. Usable from async views
-    through sync_to_async, so the long-poll shares the exact same check."""
-    canonical = credentials.canonical_agent_token(request.headers.get("X-Agent-Token", ""))
-    if canonical is None:
+    """Return the calling agent or raise AuthenticationFailed: the check every agent view
+    shares (the long-poll's thin route calls `check_credentials` with the same parts)."""
+    credential = credential_for(request.headers.get("X-Agent-Token", ""))
+    check_credentials(
+        credential,
+        method=request.method or "GET",
+        path=request.get_full_path(),
+        timestamp=request.headers.get("X-Tether-Timestamp", ""),
+        signature=request.headers.get("X-Tether-Signature", ""),
+        body=request.body,
+    )
+    # A copy: a view may change its agent; the cached one stays as the database has it.
+    return copy.copy(credential.agent)
+
+
+# ---------------------------------------------------------------------------------------------
+# The credential cache
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Credential:
+    """An agent as its token finds it, with its signing secret decrypted once."""
+
+    agent: Agent
+    secret: str | None
+    loaded: float = field(default_factory=time.monotonic)
+
+
+# token hash -> credential. Every agent call looks here first: an idle fleet's polls then
+# authenticate without the database. An entry goes when its agent's credentials change
+# (auth_key notifications, from any process on PostgreSQL), when the listener may have missed
+# one, and after CACHE_TTL at the latest (a writer that cannot notify: another process on
+# SQLite).
+_cache: dict[str, Credential] = {}
+_cache_lock = threading.Lock()
+CACHE_TTL = 300.0
+CACHE_MAX = 100_000
+
+
+def cached_credential(token: str) -> Credential | None:
+    """The credential for `token` if this process has it fresh; never touches the database.
+    None for a miss, which `credential_for` (on a database thread) resolves."""
+    credential = _cache.get(_token_hash(token))
+    if credential is None or time.monotonic() - credential.loaded > CACHE_TTL:
+        return None
+    return credential
+
+
+def credential_for(token: str) -> Credential:
+    """The credential for `token`, from the cache or the database; AuthenticationFailed for
+    an unknown or malformed token (the same refusal either way)."""
+    token_hash = _token_hash(token)
+    credential = _cache.get(token_hash)
+    if credential is not None and time.monotonic() - credential.loaded <= CACHE_TTL:
+        return credential
+    if not token_hash:
         raise exceptions.AuthenticationFailed(REFUSAL)
     try:
-        agent = Agent.objects.get(token_hash=credentials.hash_token(canonical))
+        agent = Agent.objects.get(token_hash=token_hash)
     except Agent.DoesNotExist as exc:
         raise exceptions.AuthenticationFailed(REFUSAL) from exc
+    secret = None
     if agent.signs_requests:
-        _check_signature(request, agent)
-    elif not settings.ACCEPT_LEGACY_AGENTS:
-        raise exceptions.AuthenticationFailed(REFUSAL)
-    return agent
+        try:
+            secret = credentials.decrypt(agent.secret_key_encrypted)
+        except ValueError as exc:  # SECRET_KEY changed: nothing this agent sends can be checked
+            raise exceptions.AuthenticationFailed(REFUSAL) from exc
+    credential = Credential(agent=agent, secret=secret)
+    with _cache_lock:
+        if len(_cache) >= CACHE_MAX:
+            _cache.clear()
+        _cache[token_hash] = credential
+    return credential
 
 
-def _check_signature(request: HttpRequest, agent: Agent) -> None:
-    timestamp = request.headers.get("X-Tether-Timestamp", "")
-    signature = request.headers.get("X-Tether-Signature", "")
-    if not timestamp.isdigit() or abs(time.time() - int(timestamp)) > settings.SIGNATURE_WINDOW:
+def forget_agent(agent_id: int) -> None:
+    """Drop every cached credential of the agent (its token was rotated, it was deleted)."""
+    with _cache_lock:
+        for token_hash in [h for h, c in _cache.items() if c.agent.pk == agent_id]:
+            del _cache[token_hash]
+
+
+def clear_cache() -> None:
+    with _cache_lock:
+        _cache.clear()
+
+
+def credentials_changed(agent_id: int) -> None:
+    """Tell every process to forget the agent's cached credential once this commits: call it
+    after changing what a credential holds (CACHED_FIELDS) with a queryset update(); save()
+    and delete() tell by themselves (signals, connected in FleetConfig.ready)."""
+    wakeups.notify_on_commit(wakeups.auth_key(agent_id))
+
+
+# What a cached credential holds: a save touching any of these makes every process forget it.
+CACHED_FIELDS = frozenset({"token_hash", "secret_key_encrypted", "signs_requests", "verify_ssl"})
+
+
+def agent_saved(sender: Any, instance: Agent, update_fields: Any = None, **kwargs: Any) -> None:
+    if update_fields is None or CACHED_FIELDS & set(update_fields):
+        credentials_changed(instance.pk)
+
+
+def agent_deleted(sender: Any, instance: Agent, **kwargs: Any) -> None:
+    credentials_changed(instance.pk)
+
+
+def forget_on_notify(key: str) -> None:
+    if key.startswith("auth:"):
+        forget_agent(int(key.removeprefix("auth:")))
+
+
+def _token_hash(token: str) -> str:
+    canonical = credentials.canonical_agent_token(token)
+    return credentials.hash_token(canonical) if canonical is not None else ""
+
+
+def check_credentials(
+    credential: Credential, *, method: str, path: str, timestamp: str, signature: str, body: bytes
+) -> None:
+    """Refuse what the agent may not send: an unsigned or badly signed request from an agent
+    that registered as signing, any request from a legacy agent once they are refused."""
+    if credential.secret is None:
+        if credential.agent.signs_requests or not settings.ACCEPT_LEGACY_AGENTS:
+            raise exceptions.AuthenticationFailed(REFUSAL)
+        return
+    # ASCII digits only ("²" is a digit to str.isdigit, not to int), and a sane length.
+    if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
         raise exceptions.AuthenticationFailed(REFUSAL)
-    try:
-        secret = credentials.decrypt(agent.secret_key_encrypted)
-    except ValueError as exc:
-        raise exceptions.AuthenticationFailed(REFUSAL) from exc
-    expected = credentials.sign(
-        secret, request.method or "GET", request.get_full_path(), timestamp, request.body
-    )
+    if abs(time.time() - int(timestamp)) > settings.SIGNATURE_WINDOW:
+        raise exceptions.AuthenticationFailed(REFUSAL)
+    expected = credentials.sign(credential.secret, method, path, timestamp, body)
     if not hmac.compare_digest(expected, signature):
         raise exceptions.AuthenticationFailed(REFUSAL)
 

@@ -17,6 +17,7 @@ from tether.commands.services import cancel_command, queue_command
 from tether.errors import Conflict
 from tether.fleet import credentials
 from tether.fleet import services as fleet_services
+from tether.fleet.authentication import credentials_changed
 from tether.fleet.models import Agent
 
 from . import ca, rpc
@@ -102,6 +103,7 @@ def set_verify_ssl(*, agent: Agent, verify_ssl: bool, user: AbstractBaseUser | N
     """Whether the server verifies the agent's RPC certificate, and the agent the server's."""
     with transaction.atomic():
         Agent.objects.filter(pk=agent.pk).update(verify_ssl=verify_ssl)
+        credentials_changed(agent.pk)  # the agent is told verify_ssl with every poll
         agent.verify_ssl = verify_ssl
         audit(user=user, action="agent.certificate.verify_ssl", target=agent, value=verify_ssl)
 
