@@ -4,9 +4,13 @@
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
+import shutil
+import socket
 import sys
+from typing import Any
 
 log = logging.getLogger("tether.serve")
 
@@ -33,6 +37,12 @@ def serve(argv: list[str]) -> int:
     parser.add_argument(
         "--workers",
         type=int,
+        default=1,
+        help="server processes on the one port (PostgreSQL only; default 1)",
+    )
+    parser.add_argument(
+        "--task-workers",
+        type=int,
         default=None,
         help="background-task worker threads (default TETHER_WORKER_THREADS; 0: none, "
         "run `tether worker` instead)",
@@ -43,55 +53,143 @@ def serve(argv: list[str]) -> int:
         parser.error("--bind takes HOST:PORT")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
+    if not 1 <= args.workers <= 64:
+        parser.error("--workers takes 1..64")
 
     _setup_django()
     from django.conf import settings
     from django.core.management import call_command
+    from django.db import connections
 
+    if args.workers > 1 and settings.IS_SQLITE:
+        parser.error(
+            "--workers above 1 needs PostgreSQL (TETHER_DATABASE_URL): SQLite is "
+            "one process's database"
+        )
     if settings.IS_SQLITE and not args.no_migrate:
         call_command("migrate", interactive=False, verbosity=0)
-
-    import uvicorn
-
-    from tether.asgi import application
-    from tether.sweeper import run_sweeper
-    from tether.worker import start_worker_threads, stop_workers
 
     tls: dict[str, str] = {}
     if args.tls or args.tls_cert:
         tls = _tls_files(host.strip("[]"), args.tls_cert, args.tls_key)
-    config = uvicorn.Config(
-        application,
-        **tls,
-        host=host.strip("[]"),
-        port=int(port),
+    options = {
+        "host": host.strip("[]"),
+        "port": int(port),
+        "tls": tls,
+        "sweeper": not args.no_sweeper,
+        "task_workers": settings.WORKER_THREADS if args.task_workers is None else args.task_workers,
+        "builtin_tls": settings.SERVES_BUILTIN_TLS,
+    }
+    log.info("serving on %s://%s", "https" if tls else "http", args.bind)
+    if args.workers == 1:
+        _serve_process(options, None, primary=True)
+        return 0
+    connections.close_all()
+    return _supervise(options, args.workers)
+
+
+def _uvicorn_config(options: dict) -> Any:
+    import uvicorn
+
+    return uvicorn.Config(
+        "tether.asgi:application",
+        **options["tls"],
+        host=options["host"],
+        port=options["port"],
         lifespan="off",
         log_level=os.environ.get("TETHER_LOG_LEVEL", "info").lower(),
         access_log=False,
         # Long-polls and SSE streams would otherwise hold a restart for their whole wait.
         timeout_graceful_shutdown=3,
     )
-    server = uvicorn.Server(config)
+
+
+def _serve_process(options: dict, sockets: list[socket.socket] | None, primary: bool) -> None:
+    """One server process: uvicorn, and in the primary process the sweeper and the task
+    workers (once per server, whatever the number of processes)."""
+    import uvicorn
+    from django.conf import settings
+
+    from tether.sweeper import run_sweeper
+    from tether.worker import start_worker_threads, stop_workers
+
+    settings.SERVES_BUILTIN_TLS = options["builtin_tls"]
+    server = uvicorn.Server(_uvicorn_config(options))
 
     async def main() -> None:
-        sweeper = None if args.no_sweeper else asyncio.create_task(run_sweeper())
-        workers = start_worker_threads(
-            settings.WORKER_THREADS if args.workers is None else args.workers
-        )
+        sweeper = asyncio.create_task(run_sweeper()) if primary and options["sweeper"] else None
+        workers = start_worker_threads(options["task_workers"] if primary else 0)
         try:
-            await server.serve()
+            await server.serve(sockets=sockets)
         finally:
             stop_workers(workers)
             if sweeper:
                 sweeper.cancel()
 
-    log.info("serving on %s://%s", "https" if tls else "http", args.bind)
     try:
         import uvloop
 
         uvloop.run(main())
     except ImportError:
         asyncio.run(main())
+
+
+def _child(options: dict, sockets: list[socket.socket], primary: bool) -> None:
+    _setup_django()
+    with contextlib.suppress(KeyboardInterrupt):
+        _serve_process(options, sockets, primary)
+
+
+def _supervise(options: dict, count: int) -> int:
+    """`--workers N`: bind once, run N server processes on the socket, start a process
+    again if it dies; SIGTERM or SIGINT stops them all. Processes meet in PostgreSQL: a
+    command queued through one wakes the agent held by another (tether.wakeups)."""
+    import multiprocessing
+    import signal
+    import tempfile
+
+    from django.conf import settings
+
+    multiprocessing.allow_connection_pickling()
+    spawn = multiprocessing.get_context("spawn")
+    # One scrape of any process shows the whole server (prometheus-client multiprocess mode).
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
+        prefix="metrics-", dir=settings.DATA_DIR
+    )
+    sock = _uvicorn_config(options).bind_socket()
+    stopping = False
+
+    def stop(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+    def start(index: int) -> Any:
+        process = spawn.Process(
+            target=_child, args=(options, [sock], index == 0), name=f"tether-serve-{index}"
+        )
+        process.start()
+        return process
+
+    processes = [start(index) for index in range(count)]
+    while not stopping:
+        for index, process in enumerate(processes):
+            process.join(timeout=0.2 / count)
+            if not process.is_alive() and not stopping:
+                log.warning(
+                    "server process %d (pid %s) died; starting it again", index, process.pid
+                )
+                processes[index] = start(index)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(timeout=10)
+        if process.is_alive():
+            process.kill()
+    shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
     return 0
 
 

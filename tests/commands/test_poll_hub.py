@@ -1,0 +1,127 @@
+"""What a held long-poll costs: no database work of its own while it waits. Work reaches it
+by notification, or through the hub's one periodic query for all held polls; heartbeats are
+written in batches; credentials come from the in-process cache."""
+
+import asyncio
+import time
+from datetime import timedelta
+from typing import Any
+from unittest import mock
+
+from asgiref.sync import sync_to_async
+from django.db import connection
+from django.test import AsyncClient, override_settings
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from tests.base import BaseTestCase
+from tether.commands import poll, services
+from tether.commands.models import Command
+from tether.fleet import heartbeats
+from tether.fleet import services as fleet_services
+from tether.fleet.models import Agent
+
+
+class HeldPollTestCase(BaseTestCase):
+    async def poll(self, wait: float, token: str | None = None) -> Any:
+        headers = {"X-Agent-Token": token or self.agent_token}
+        return await AsyncClient().get(f"/api/agents/poll_commands/?wait={wait}", headers=headers)
+
+    async def warm(self) -> None:
+        """One answered poll: the credential is cached, the agent online, the hub ready."""
+        await self.poll(0)
+        deadline = time.monotonic() + 5
+        while not poll.hub.ready:
+            self.assertLess(time.monotonic(), deadline, "the hub never ran its query")
+            await asyncio.sleep(0.01)
+
+    @override_settings(POLL_RECHECK=0.05, HEARTBEAT_INTERVAL=0.1)
+    async def test_held_polls_do_not_query_on_a_timer_of_their_own(self) -> None:
+        await self.warm()
+        with (
+            mock.patch.object(services, "claim_commands", wraps=services.claim_commands) as claims,
+            mock.patch.object(poll, "_tick", wraps=poll._tick) as ticks,
+        ):
+            # Three polls held for 1 s: twenty re-check periods each.
+            answers = await asyncio.gather(*(self.poll(1) for _ in range(3)))
+
+        self.assertEqual([a.json()["commands"] for a in answers], [[], [], []])
+        self.assertEqual(claims.call_count, 0, "a held poll read the queue itself")
+        # The process's own timer ran all along: one query per period, whatever the polls.
+        self.assertGreaterEqual(ticks.call_count, 2)
+        self.assertLess(ticks.call_count, 40)
+
+    @override_settings(POLL_RECHECK=0.05, HEARTBEAT_INTERVAL=0.1)
+    async def test_work_no_notification_announced_is_found_by_the_hub(self) -> None:
+        """A row written without a wake-up (another process on SQLite, say) still reaches the
+        held poll, through the one periodic query."""
+        await self.warm()
+        held = asyncio.ensure_future(self.poll(5))
+        await asyncio.sleep(0.1)
+        command = await sync_to_async(Command.objects.create)(
+            agent=self.agent, command="echo quietly", timeout=9
+        )
+
+        started = time.monotonic()
+        response = await held
+
+        self.assertLess(time.monotonic() - started, 2)
+        self.assertEqual([c["id"] for c in response.json()["commands"]], [command.pk])
+
+    @override_settings(POLL_RECHECK=0.05, HEARTBEAT_INTERVAL=0.1, COMMAND_LEASE=0.2)
+    async def test_a_lease_that_runs_out_hands_the_command_out_again(self) -> None:
+        await self.warm()
+        command = await sync_to_async(self.delivered)()
+
+        response = await self.poll(5)
+
+        self.assertEqual([c["id"] for c in response.json()["commands"]], [command.pk])
+        await sync_to_async(command.refresh_from_db)()
+        self.assertEqual(command.delivery_count, 2)
+
+    async def test_a_cached_token_is_forgotten_when_the_agent_registers_again(self) -> None:
+        await self.warm()
+        await sync_to_async(self.reregister)()
+
+        response = await self.poll(0)
+
+        self.assertError(response, 401)
+
+    def reregister(self) -> None:
+        with self.captureOnCommitCallbacks(execute=True):
+            fleet_services.register_agent(server=self.server, hostname=self.agent.hostname)
+
+    async def test_a_cached_poll_authenticates_without_the_database(self) -> None:
+        await self.warm()
+
+        with mock.patch.object(poll, "credential_for", wraps=poll.credential_for) as lookups:
+            response = await self.poll(0)
+
+        self.assertEqual(response.status_code, 200, response.content)
+        lookups.assert_not_called()
+
+
+class HeartbeatBatchTestCase(BaseTestCase):
+    def test_one_update_writes_many_heartbeats(self) -> None:
+        old = timezone.now() - timedelta(hours=1)
+        agents = [
+            fleet_services.register_agent(server=self.server, hostname=f"h{i}").agent
+            for i in range(30)
+        ]
+        Agent.objects.filter(pk__in=[a.pk for a in agents]).update(
+            last_heartbeat=old, status=Agent.Status.OFFLINE
+        )
+        Agent.objects.filter(pk=agents[0].pk).update(status=Agent.Status.UPGRADING)
+        for agent in agents:
+            heartbeats.note(agent.pk)
+
+        with CaptureQueriesContext(connection) as queries:
+            self.assertEqual(heartbeats.flush(), 30)
+
+        self.assertEqual(len(queries.captured_queries), 1)
+        rows = Agent.objects.filter(pk__in=[a.pk for a in agents])
+        self.assertFalse(rows.filter(last_heartbeat=old).exists())
+        # A sign of life brings an offline agent back; an upgrading one stays so.
+        self.assertEqual(rows.filter(status=Agent.Status.ONLINE).count(), 29)
+        self.assertEqual(rows.get(pk=agents[0].pk).status, Agent.Status.UPGRADING)
+        self.assertEqual(heartbeats.flush(), 0)
