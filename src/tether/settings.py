@@ -229,3 +229,20 @@ LOGGING = {
         "django_tasks_db": {"level": "WARNING"},
     },
 }
+
+# ---------------------------------------------------------------------------------------
+# GET /metrics (docs/metrics.md). A scrape is allowed from a peer address (the connection's
+# own, never X-Forwarded-For) in TETHER_METRICS_ALLOW, comma-separated networks, or with
+# `Authorization: Bearer TETHER_METRICS_TOKEN` (empty: no access by token). A malformed
+# network stops the server at start rather than opening or closing the door by surprise.
+import ipaddress  # noqa: E402
+
+METRICS_ALLOW = tuple(
+    ipaddress.ip_network(network.strip(), strict=False)
+    for network in os.environ.get("TETHER_METRICS_ALLOW", "127.0.0.1/32,::1/128").split(",")
+    if network.strip()
+)
+METRICS_TOKEN = os.environ.get("TETHER_METRICS_TOKEN", "")
+# Requests by route and code, for the human API and the pages: first, so that what the other
+# middleware answers (redirects, refusals) counts too. Agent endpoints skip the middleware.
+MIDDLEWARE = ["tether.monitoring.request_metrics", *MIDDLEWARE]

@@ -17,6 +17,7 @@ from rest_framework.parsers import FormParser, MultiPartParser
 from tether.commands import agent_api as commands_agent_api
 from tether.deploy import agent_api as deploy_agent_api
 from tether.fleet import agent_api as fleet_agent_api
+from tether.monitoring import metrics_view
 from tether.parsers import BoundedJSONParser
 
 
@@ -47,6 +48,8 @@ api_urls = [
 urlpatterns = [
     path("healthz", healthz),
     path("healthz/", healthz),
+    path("metrics", metrics_view),
+    path("metrics/", metrics_view),
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path(

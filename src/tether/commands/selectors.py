@@ -45,6 +45,15 @@ def counts_by_state(by_status: dict[str, int]) -> dict[str, int]:
     return counts
 
 
+def commands_by_status() -> dict[str, int]:
+    """How many commands are in each status, every status present (0 included), from one
+    GROUP BY: what /metrics reports, the queue's depth (`queued`) among them."""
+    counts = dict.fromkeys(Command.Status.values, 0)
+    rows = Command.objects.order_by().values_list("status").annotate(n=Count("id"))
+    counts.update(rows.values_list("status", "n"))
+    return counts
+
+
 def target_counts(run_ids: Iterable[int]) -> dict[int, dict[str, int]]:
     """The counts of several runs at once (a page of the runs history), from one query."""
     ids = list(run_ids)

@@ -6,6 +6,7 @@ Each function is one transaction; agents and humans reach them through their own
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 from django.conf import settings
@@ -15,7 +16,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 from rest_framework import exceptions
 
-from tether import wakeups
+from tether import metrics, wakeups
 from tether.accounts.services import audit
 from tether.errors import Conflict
 from tether.fleet import credentials
@@ -255,11 +256,23 @@ def record_progress(
     with transaction.atomic():
         command = _locked_command(agent=agent, command_id=command_id)
         if states.takes_agent_reports(command.status):
+            before = output.ends(command)
             output.apply_chunks(command, chunks)
+            _count_received(command, before)
             _mark_running(command, started_at)
             command.save()
             wakeups.notify_on_commit(*_watchers(command))
     return {"offsets": output.ends(command), "cancel": command.cancel_requested}
+
+
+def _count_received(command: Command, before: dict[str, int]) -> None:
+    """Count the output bytes this report added (tether_output_bytes_total), once committed:
+    a resent chunk adds none, and neither does the older dialect's final result, which
+    carries again the output that progress already stored."""
+    for stream, end in output.ends(command).items():
+        if end > before[stream]:
+            counter = metrics.OUTPUT_BYTES.labels(stream=stream)
+            transaction.on_commit(partial(counter.inc, end - before[stream]))
 
 
 def _watchers(command: Command) -> list[str]:
@@ -280,6 +293,7 @@ def record_result(*, agent: Agent, command_id: int, result: Result) -> None:
         if not states.takes_agent_reports(command.status) or command.status == result.status:
             return
         chunks = result.chunks
+        before = output.ends(command)
         if result.replace_output:
             output.discard_output(command)
         if result.error_as_stderr and command.stderr_end == 0:
@@ -289,6 +303,7 @@ def record_result(*, agent: Agent, command_id: int, result: Result) -> None:
         for stream, size in result.sizes.items():
             if getattr(command, f"{stream}_end") < size:
                 raise output.gap(command, stream)
+        _count_received(command, before)
         command.truncated = command.truncated or result.truncated
         _mark_running(command, result.started_at)
         _finish(command, result.status, exit_code=result.exit_code, error=result.error)
