@@ -31,7 +31,7 @@ from django.core.handlers.asgi import ASGIHandler  # noqa: E402
 from django.http import HttpRequest, HttpResponse  # noqa: E402
 from django.urls import Resolver404, get_resolver, set_urlconf  # noqa: E402
 
-from tether import wakeups  # noqa: E402
+from tether import metrics, wakeups  # noqa: E402
 from tether.commands import poll  # noqa: E402
 from tether.db import run_db  # noqa: E402
 from tether.errors import json_error, server_error  # noqa: E402
@@ -136,6 +136,8 @@ class TetherASGIHandler(ASGIHandler):
         if match is not None:
             response = await self._agent_response(request, match)
             response._resource_closers.append(request.close)
+            # Agent endpoints skip the middleware that counts the others (tether.monitoring).
+            metrics.observe_request(match.route, request.method, response.status_code)
             return response
         return await super().get_response_async(request)
 

@@ -156,6 +156,8 @@ def _supervise(options: dict, count: int) -> int:
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(
         prefix="metrics-", dir=settings.DATA_DIR
     )
+    from prometheus_client import multiprocess
+
     sock = _uvicorn_config(options).bind_socket()
     stopping = False
 
@@ -178,6 +180,9 @@ def _supervise(options: dict, count: int) -> int:
         for index, process in enumerate(processes):
             process.join(timeout=0.2 / count)
             if not process.is_alive() and not stopping:
+                # Its held polls are gone with it (this process imported the metrics before
+                # the directory was set, so it tells prometheus_client where to look).
+                multiprocess.mark_process_dead(process.pid, os.environ["PROMETHEUS_MULTIPROC_DIR"])
                 log.warning(
                     "server process %d (pid %s) died; starting it again", index, process.pid
                 )
@@ -189,6 +194,7 @@ def _supervise(options: dict, count: int) -> int:
         process.join(timeout=10)
         if process.is_alive():
             process.kill()
+        process.join()
     shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
     return 0
 

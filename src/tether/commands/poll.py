@@ -30,7 +30,7 @@ from django.utils.encoding import escape_uri_path, iri_to_uri
 from rest_framework import exceptions
 from rest_framework.throttling import BaseThrottle
 
-from tether import wakeups
+from tether import metrics, wakeups
 from tether.db import run_db
 from tether.errors import PayloadTooLarge, error_body, exception_handler
 from tether.fleet import heartbeats
@@ -54,6 +54,7 @@ PATHS = {
     "/api/agents/poll/": False,
     "/api/agents/command/": True,
 }
+ROUTE = "/api/agents/poll_commands/"  # one label for the three paths in tether_requests_total
 DEPRECATION_HEADERS = [
     (b"deprecation", b"true"),
     (b"link", b'</api/agents/poll_commands/>; rel="successor-version"'),
@@ -86,7 +87,6 @@ class Hub:
         self.work: set[int] = set()
         self.noted: set[int] = set()  # notified since the current query began
         self.ready = False
-        self.held = 0
         self.task: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.last_query = 0.0
@@ -211,6 +211,15 @@ class Gone(Exception):
     """The agent hung up while its poll was held."""
 
 
+def _observe_dispatch(delivery: services.Delivery) -> None:
+    """Queue-to-delivery time of commands handed out for the first time (a delivery again
+    after a lease ran out is not a dispatch)."""
+    for command in delivery.commands:
+        if command.delivery_count == 1:
+            seconds = (command.delivered_at - command.created_at).total_seconds()
+            metrics.DISPATCH_SECONDS.observe(seconds)
+
+
 async def answer_poll(request: PollRequest, waiter: wakeups.Waiter) -> tuple[int, dict]:
     """Answer as soon as there is work (or a cancel) for the agent, else after `wait`
     seconds: (status, body). `waiter` is the caller's subscription, made before anything
@@ -239,8 +248,7 @@ async def answer_poll(request: PollRequest, waiter: wakeups.Waiter) -> tuple[int
             hub.taking(agent.pk)
             delivery = await run_db(services.claim_commands, agent=agent)
     deadline = time.monotonic() + wait
-    hub.held += 1
-    try:
+    with metrics.HELD_POLLS.track_inprogress():
         while not (delivery.commands or delivery.cancel):
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not await waiter.wait(remaining):
@@ -249,8 +257,7 @@ async def answer_poll(request: PollRequest, waiter: wakeups.Waiter) -> tuple[int
                 raise Gone
             hub.taking(agent.pk)
             delivery = await run_db(services.claim_commands, agent=agent)
-    finally:
-        hub.held -= 1
+    _observe_dispatch(delivery)
     if len(delivery.commands) >= services.CLAIM_LIMIT:
         hub.work.add(agent.pk)  # more may wait: the next poll asks at once
     return 200, {
@@ -348,3 +355,4 @@ async def serve(scope: dict, receive: Any, send: Any) -> None:
         headers += DEPRECATION_HEADERS
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": content})
+    metrics.observe_request(ROUTE, scope.get("method", "GET"), status)

@@ -17,7 +17,7 @@ from tether.commands.services import queue_command
 from tether.errors import Conflict
 from tether.fleet.agent_files import agent_version
 from tether.fleet.models import Agent, Server
-from tether.fleet.services import agent_is_online
+from tether.fleet.services import agent_is_online, set_agent_status
 
 from .models import Deployment
 from .services import ACTIVE, append_log, create_deployment, end_deployment
@@ -127,7 +127,7 @@ def _request_deployment(
         else:
             transaction.on_commit(lambda: _enqueue_ssh(deployment.pk))
         if kind == K.UPGRADE and agent is not None:
-            Agent.objects.filter(pk=agent.pk).update(status=Agent.Status.UPGRADING)
+            set_agent_status(agent.pk, Agent.Status.UPGRADING)
     return deployment
 
 

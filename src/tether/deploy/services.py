@@ -20,7 +20,7 @@ from tether.commands.services import cancel_command
 from tether.errors import Conflict
 from tether.fleet import credentials
 from tether.fleet.models import Agent, Server
-from tether.fleet.services import Enrollment, heartbeat_is_fresh
+from tether.fleet.services import Enrollment, heartbeat_is_fresh, set_agent_status
 
 from . import hooks
 from .models import Deployment
@@ -212,7 +212,7 @@ def agent_stopped(deployment: Deployment) -> Deployment:
     acknowledgement, or the SSH run): the agent shows `stopped` and the deployment succeeds."""
     with transaction.atomic():
         if deployment.agent_id is not None:
-            Agent.objects.filter(pk=deployment.agent_id).update(status=Agent.Status.STOPPED)
+            set_agent_status(deployment.agent_id, Agent.Status.STOPPED)
         return finish_deployment(deployment=deployment, status=S.SUCCEEDED, line="agent stopped")
 
 
@@ -277,7 +277,7 @@ def _settle_agent_status(deployment: Deployment) -> None:
     agent = Agent.objects.get(pk=deployment.agent_id)
     if agent.status == Agent.Status.UPGRADING:
         status = Agent.Status.ONLINE if heartbeat_is_fresh(agent) else Agent.Status.OFFLINE
-        Agent.objects.filter(pk=agent.pk, status=Agent.Status.UPGRADING).update(status=status)
+        set_agent_status(agent.pk, status, only_from=Agent.Status.UPGRADING)
 
 
 def expire_deployments() -> int:

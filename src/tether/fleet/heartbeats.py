@@ -4,8 +4,12 @@ every agent noted since (tether.commands.poll runs the tick).
 An idle fleet polls all the time (10,000 agents on 25 s long-polls: 400 polls a second); one
 UPDATE per poll would be most of what the server does. The batch writes each noted agent at
 most once per tick and brings back online, in the same statement, those the sweep had
-marked offline (REVIVED_BY_SIGN_OF_LIFE). A heartbeat waits at most one tick, far below the
-offline threshold (3 heartbeat intervals; the tick is at most half an interval).
+marked offline. A heartbeat waits at most one tick, far below the offline threshold (3
+heartbeat intervals; the tick is at most half an interval).
+
+A stopped agent is not revived here: a heartbeat noted just before the stop would undo it.
+Its next poll after the stop sees `stopped` (set_agent_status drops the cached view) and
+revives it at once, through record_heartbeat.
 """
 
 import threading
@@ -16,6 +20,9 @@ from django.utils import timezone
 
 from .models import Agent
 from .services import REVIVED_BY_SIGN_OF_LIFE
+
+# What a batched heartbeat revives (REVIVED_BY_SIGN_OF_LIFE less `stopped`; see above).
+REVIVED_IN_BATCH = REVIVED_BY_SIGN_OF_LIFE - {Agent.Status.STOPPED}
 
 _lock = threading.Lock()
 _noted: set[int] = set()
@@ -51,7 +58,7 @@ def flush() -> int:
         Agent.objects.filter(pk__in=ordered[start : start + CHUNK]).update(
             last_heartbeat=now,
             status=Case(
-                When(status__in=REVIVED_BY_SIGN_OF_LIFE, then=Value(Agent.Status.ONLINE)),
+                When(status__in=REVIVED_IN_BATCH, then=Value(Agent.Status.ONLINE)),
                 default=F("status"),
             ),
         )

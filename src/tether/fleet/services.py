@@ -11,6 +11,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from tether import wakeups
 from tether.accounts.services import audit
 from tether.errors import TetherError
 
@@ -251,6 +252,19 @@ def record_heartbeat(
     changed = set(fields) & {"version", "rpc_port", "address"}
     if changed:
         hooks.agent_changed.send(agent=agent, changed=changed)
+
+
+def set_agent_status(agent_id: int, status: str, *, only_from: str | None = None) -> bool:
+    """Set the status an app above decides (stopped, upgrading, back from upgrading). Every
+    process forgets its cached view of the agent (tether.fleet.authentication), so the agent's
+    next poll sees the new status: a stopped agent that starts again is online at once."""
+    rows = Agent.objects.filter(pk=agent_id)
+    if only_from is not None:
+        rows = rows.filter(status=only_from)
+    changed = bool(rows.update(status=status))
+    if changed:
+        wakeups.notify_on_commit(wakeups.auth_key(agent_id))
+    return changed
 
 
 def offline_cutoff(now: Any = None) -> Any:
