@@ -186,9 +186,9 @@ class TetherServer:
         )
         return self
 
-    def start(self) -> "TetherServer":
+    def start(self, *args: str) -> "TetherServer":
         self.proc = spawn(
-            [str(BIN / "tether"), "serve", "--bind", f"127.0.0.1:{self.port}"],
+            [str(BIN / "tether"), "serve", "--bind", f"127.0.0.1:{self.port}", *args],
             env=self.env,
             log=self.log,
         )

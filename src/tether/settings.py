@@ -136,7 +136,16 @@ STATIC_URL = "/static/"
 STATIC_ROOT = DATA_DIR / "static"
 LOGIN_URL = "/login/"
 
-CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+# Throttles count in the cache: in memory for the one process SQLite serves; in PostgreSQL
+# when several processes (or hosts) serve one fleet, so that they count together. The table
+# is made by a migration (accounts 0002).
+CACHES = {
+    "default": (
+        {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+        if IS_SQLITE
+        else {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "tether_cache"}
+    )
+}
 
 # Request bodies: agents stream output in chunks well below this; the original dialect's
 # final result carries the whole output, so result calls may be as large as the output cap.
