@@ -1,12 +1,12 @@
 # Two commands: `make run` (embedded SQLite server with an admin and an agent command line)
-# and `make test` (the whole suite).
+# and `make test` (the whole suite; `make test-pg` runs it on a throwaway PostgreSQL).
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 BIND ?= 127.0.0.1:8000
 
-.PHONY: run test lint bench
+.PHONY: run test test-pg lint bench
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(BIN)/pytest
+
+# The same suite on PostgreSQL (tests/pgcluster.py); pytest arguments pass through: ARGS="-x".
+test-pg: $(STAMP)
+	$(BIN)/python tests/run_pg.py $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/dispatch.py

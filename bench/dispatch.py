@@ -66,7 +66,8 @@ def seconds(stamp: str) -> float:
 
 
 def wait_db(fleet: Fleet, command_id: int) -> None:
-    """Block until the row is final, reading SQLite directly: the server sees no extra load."""
+    """Block until the row is final, reading the database directly: the server sees no extra
+    load."""
     deadline = time.monotonic() + 30
     with fleet.server.db() as conn:
         while time.monotonic() < deadline:

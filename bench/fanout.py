@@ -206,10 +206,13 @@ async def simulate(url: str, server_token: str, count: int, prefix: str) -> None
 # ---------------------------------------------------------------------------------------------
 
 
-def stamp(value: str | None) -> float:
-    """A datetime as Django stores it in SQLite (UTC, no zone) as a Unix time."""
+def stamp(value: str | datetime | None) -> float:
+    """A datetime as read from the database (SQLite: text in UTC, no zone; PostgreSQL: an aware
+    datetime) as a Unix time."""
     assert value is not None
-    return datetime.fromisoformat(value).replace(tzinfo=UTC).timestamp()
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value).replace(tzinfo=UTC)
+    return value.timestamp()
 
 
 @dataclass
@@ -229,10 +232,10 @@ PHASES = ("created", "answered", "delivered", "started", "stored", "run over")
 
 
 def wait_over(server: TetherServer, table: str, row_id: int, timeout: float = 120) -> None:
-    """Until the row is final, reading SQLite directly (no load on the server)."""
+    """Until the row is final, reading the database directly (no load on the server)."""
     query = f"SELECT finished_at FROM {table} WHERE id = ?"
     deadline = time.monotonic() + timeout
-    with contextlib.closing(server.db()) as conn:
+    with server.db() as conn:
         while time.monotonic() < deadline:
             row = conn.execute(query, (row_id,)).fetchone()
             if row and row[0]:

@@ -1,4 +1,5 @@
-"""End-to-end fixtures: a real `tether serve` (uvicorn, SQLite) and real agent processes on
+"""End-to-end fixtures: a real `tether serve` (uvicorn; SQLite, or a PostgreSQL database of its
+own when TETHER_DATABASE_URL is set, as `make test-pg` does) and real agent processes on
 loopback. Everything waits on conditions with deadlines, never on fixed sleeps."""
 
 import contextlib
@@ -14,9 +15,11 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -38,6 +41,7 @@ FAST_ENV = {
 }
 
 _processes: list[subprocess.Popen] = []
+_databases: list[str] = []
 
 
 def wait_for(
@@ -67,6 +71,57 @@ def spawn(argv: list[str], *, env: dict[str, str], log: Path) -> subprocess.Pope
     )
     _processes.append(proc)
     return proc
+
+
+def fresh_database_url() -> str | None:
+    """A new, empty PostgreSQL database on the server of TETHER_DATABASE_URL (None on SQLite):
+    each server process of the suite gets its own, as each gets its own SQLite file."""
+    base = os.environ.get("TETHER_DATABASE_URL")
+    if not base:
+        return None
+    import psycopg
+
+    name = f"e2e_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    _databases.append(name)
+    return urlunsplit(urlsplit(base)._replace(path=f"/{name}"))
+
+
+class Database:
+    """A test's own connection to a server's database, on either backend, in autocommit: the
+    tests write their SQL once, with `?` placeholders, and read rows as tuples (timestamps come
+    back as text from SQLite, as datetimes from PostgreSQL)."""
+
+    def __init__(self, url: str | None, sqlite_file: Path) -> None:
+        self.postgres = bool(url)
+        if url:
+            import psycopg
+
+            self.conn = psycopg.connect(url, autocommit=True)
+        else:
+            self.conn = sqlite3.connect(sqlite_file, timeout=20, isolation_level=None)
+
+    def execute(self, query: str, params: Sequence[Any] = ()) -> Any:
+        if self.postgres:
+            return self.conn.execute(query.replace("%", "%%").replace("?", "%s"), tuple(params))
+        return self.conn.execute(query, [_as_sqlite(value) for value in params])
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self) -> "Database":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _as_sqlite(value: Any) -> Any:
+    # Django keeps datetimes in SQLite as naive UTC text; an aware one compares right only so.
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ")
+    return value
 
 
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
@@ -103,6 +158,13 @@ def pytest_sessionfinish(session: Any, exitstatus: int) -> None:
     for proc in _processes:
         if proc.poll() is None:
             kill_group(proc)
+    if _databases:
+        # On a long-lived PostgreSQL (not `make test-pg`'s throwaway one) nothing piles up.
+        import psycopg
+
+        with psycopg.connect(os.environ["TETHER_DATABASE_URL"], autocommit=True) as conn:
+            for name in _databases:
+                conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 class Api:
@@ -165,6 +227,8 @@ class TetherServer:
             "PYTHONUNBUFFERED": "1",
             **(extra_env or {}),
         }
+        if "TETHER_DATABASE_URL" not in (extra_env or {}) and (url := fresh_database_url()):
+            self.env["TETHER_DATABASE_URL"] = url
         self.log = data_dir / "server.log"
         self.proc: subprocess.Popen | None = None
 
@@ -222,12 +286,15 @@ class TetherServer:
         )
         return self.login(username, password)
 
-    def db(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.data_dir / "tether.sqlite3", timeout=20)
+    def db(self) -> Database:
+        """A connection of the test's own to this server's database (close it, or use `with`)."""
+        return Database(self.env.get("TETHER_DATABASE_URL"), self.data_dir / "tether.sqlite3")
 
     def sql(self, query: str, *params: Any) -> list[tuple]:
-        with contextlib.closing(self.db()) as conn, conn:
-            return conn.execute(query, params).fetchall()
+        """One statement, `?` placeholders, committed at once; the rows it returns, if any."""
+        with self.db() as conn:
+            cursor = conn.execute(query, params)
+            return cursor.fetchall() if cursor.description else []
 
 
 class AgentProcess:

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.db import close_old_connections
+from django.db import close_old_connections, connection
 
 T = TypeVar("T")
 
@@ -22,8 +22,11 @@ _executor = ThreadPoolExecutor(
 
 
 def _call(func: Callable[..., T], args: tuple, kwargs: dict) -> T:
-    # Drops a connection that broke or outlived CONN_MAX_AGE, as Django does per request.
-    close_old_connections()
+    # Drops a connection that broke or outlived CONN_MAX_AGE, as Django does per request; never
+    # one inside a transaction (an in-process test's, as Django's test client spares it too):
+    # closed there, PostgreSQL's would be gone for the rest of the test.
+    if not connection.in_atomic_block:
+        close_old_connections()
     return func(*args, **kwargs)
 
 

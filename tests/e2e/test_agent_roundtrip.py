@@ -47,7 +47,7 @@ def test_it_keeps_binary_output_through_base64(fleet: Fleet) -> None:
     # The API decodes to text; the exact bytes are checked at the storage level.
     rows = fleet.server.sql(
         "SELECT data FROM commands_outputchunk WHERE command_id = ? AND stream = 'stdout' "
-        "ORDER BY offset",
+        'ORDER BY "offset"',
         command["id"],
     )
     assert b"".join(bytes(r[0]) for r in rows) == payload

@@ -2,6 +2,7 @@
 
 import random
 import time
+from datetime import UTC, datetime, timedelta
 
 from tests.conftest import Fleet, processes_matching, wait_for
 
@@ -36,7 +37,8 @@ def test_a_cancel_for_a_command_the_agent_never_received_ends_cancelled(fleet: F
     # As if the poll reply carrying it was lost: delivered, with a long lease left.
     fleet.server.sql(
         "UPDATE commands_command SET status = 'delivered', delivery_count = 1, "
-        "lease_expires_at = datetime('now', '+1 hour') WHERE id = ?",
+        "lease_expires_at = ? WHERE id = ?",
+        datetime.now(UTC) + timedelta(hours=1),
         command["id"],
     )
     fleet.agent_proc.start()

@@ -10,13 +10,15 @@ import subprocess
 import threading
 from pathlib import Path
 
-from tests.conftest import ROOT, Api, free_port, kill_group, spawn, wait_for
+from tests.conftest import ROOT, Api, free_port, fresh_database_url, kill_group, spawn, wait_for
 
 
 def test_make_run_prints_what_a_new_user_needs(tmp_path: Path) -> None:
     port = free_port()
     env = {**os.environ, "TETHER_DATA_DIR": str(tmp_path / "var"), "PYTHONUNBUFFERED": "1"}
     env.pop("TETHER_ADMIN_PASSWORD", None)
+    if url := fresh_database_url():
+        env["TETHER_DATABASE_URL"] = url
     make = subprocess.Popen(
         ["make", "--no-print-directory", "run", f"BIND=127.0.0.1:{port}"],
         cwd=ROOT,
