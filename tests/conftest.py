@@ -73,10 +73,11 @@ def spawn(argv: list[str], *, env: dict[str, str], log: Path) -> subprocess.Pope
     return proc
 
 
-def fresh_database_url() -> str | None:
+def fresh_database_url(server: str | None = None) -> str | None:
     """A new, empty PostgreSQL database on the server of TETHER_DATABASE_URL (None on SQLite):
-    each server process of the suite gets its own, as each gets its own SQLite file."""
-    base = os.environ.get("TETHER_DATABASE_URL")
+    each server process of the suite gets its own, as each gets its own SQLite file. With
+    `server`, on that one instead (the caller's own cluster, which goes with its databases)."""
+    base = server or os.environ.get("TETHER_DATABASE_URL")
     if not base:
         return None
     import psycopg
@@ -84,7 +85,8 @@ def fresh_database_url() -> str | None:
     name = f"e2e_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(base, autocommit=True) as conn:
         conn.execute(f"CREATE DATABASE {name}")
-    _databases.append(name)
+    if server is None:
+        _databases.append(name)
     return urlunsplit(urlsplit(base)._replace(path=f"/{name}"))
 
 

@@ -36,10 +36,9 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def pg_url() -> Iterator[str]:
-    """A database of its own: on the suite's PostgreSQL under `make test-pg`, else on a
-    throwaway cluster."""
-    url = fresh_database_url()
+def pg_server() -> Iterator[str]:
+    """The suite's PostgreSQL under `make test-pg`, else a throwaway cluster of our own."""
+    url = os.environ.get("TETHER_DATABASE_URL")
     if url:
         yield url
         return
@@ -47,6 +46,15 @@ def pg_url() -> Iterator[str]:
         pytest.fail("PostgreSQL >= 15 is needed (initdb/pg_ctl): .ci/run installs it")
     with PgCluster() as cluster:
         yield cluster.url
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> str:
+    """An empty database of the test's own."""
+    own = None if pg_server == os.environ.get("TETHER_DATABASE_URL") else pg_server
+    url = fresh_database_url(own)
+    assert url is not None
+    return url
 
 
 class Forwarder:
@@ -102,6 +110,7 @@ def test_two_processes_serve_one_fleet(pg_url: str, tmp_path: Path) -> None:
     # No periodic query within the test's deadlines: only a notification wakes a poll.
     env = {"TETHER_DATABASE_URL": pg_url, "TETHER_POLL_RECHECK": "30"}
     a = TetherServer(tmp_path / "a", env).setup().start()
+    (tmp_path / "b").mkdir()
     b = TetherServer(tmp_path / "b", env).start()
     forwarder = Forwarder([b.port, a.port])
     api = a.login("admin", ADMIN_PASSWORD)
