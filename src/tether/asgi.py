@@ -15,9 +15,12 @@ other path MAX_REQUEST_BYTES.
 """
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tether.settings")
@@ -26,6 +29,7 @@ import django  # noqa: E402
 
 django.setup(set_prefix=False)
 
+from asgiref.sync import ThreadSensitiveContext  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.core.handlers.asgi import ASGIHandler  # noqa: E402
 from django.http import HttpRequest, HttpResponse  # noqa: E402
@@ -74,6 +78,32 @@ def _too_large(limit: int) -> HttpResponse:
     return json_error("too_large", f"request body is larger than {limit} bytes", 413, limit=limit)
 
 
+class _Threads:
+    """A few single-thread executors for the human side's sync work (views, middleware),
+    each keeping its database connection between requests; a request takes the least busy.
+    A request's sync calls all run on its thread, as Django expects; requests sharing a
+    thread take turns (a view's transaction never spans two of its calls)."""
+
+    def __init__(self, count: int) -> None:
+        self.executors = [
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tether-http-{i}")
+            for i in range(max(1, count))
+        ]
+        self.busy = [0] * len(self.executors)
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[ThreadPoolExecutor]:
+        index = self.busy.index(min(self.busy))
+        self.busy[index] += 1
+        try:
+            yield self.executors[index]
+        finally:
+            self.busy[index] -= 1
+
+
+_human_threads = _Threads(settings.HTTP_THREADS)
+
+
 class TetherASGIHandler(ASGIHandler):
     # Per request (each ASGI call runs in a task of its own, so a context of its own): the
     # agent endpoint it resolved to (None for the rest), and whether its body ran past the
@@ -82,20 +112,25 @@ class TetherASGIHandler(ASGIHandler):
     too_large: contextvars.ContextVar[bool] = contextvars.ContextVar("too_large", default=False)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        """Agent requests skip Django's per-request ThreadSensitiveContext: it gives every
-        request a thread of its own for sync work, so each held long-poll would hold an idle
-        thread. Their database work runs on the pool in tether.db instead."""
+        """Agent requests skip Django's per-request ThreadSensitiveContext: their database
+        work runs on the pool in tether.db, so a held long-poll holds no thread. The others
+        run their sync work on one of a few long-lived threads (`_human_threads`) instead of
+        a new thread per request, which would open a new database connection each time."""
         if scope["type"] == "http" and scope["path"] in poll.PATHS:
             # The hottest path of all: no Django request, no URL resolution (tether.commands.poll).
             await poll.serve(scope, receive, send)
             return
-        match = agent_endpoint_match(scope.get("path", "")) if scope["type"] == "http" else None
+        if scope["type"] != "http":
+            raise ValueError(f"Tether serves HTTP only, not {scope['type']}")
+        match = agent_endpoint_match(scope.get("path", ""))
         self.agent_match.set(match)
         self.too_large.set(False)
         if match is not None:
             await self.handle(scope, receive, send)
-        else:
-            await super().__call__(scope, receive, send)
+            return
+        with _human_threads.lease() as executor:
+            async with ThreadSensitiveContext(executor=executor):
+                await self.handle(scope, receive, send)
 
     async def handle(self, scope: dict, receive: Any, send: Any) -> None:
         """Refuse an absurd declared length before reading any of the body: Django's ASGI

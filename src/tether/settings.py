@@ -190,7 +190,10 @@ COMMAND_TIMEOUT_MAX = env_int("TETHER_COMMAND_TIMEOUT_MAX", 7 * 24 * 3600)
 # Threads (and so database connections) that serve agent endpoints and live streams. SQLite
 # takes one writer at a time and makes a waiting connection sleep, so one thread is fastest.
 DB_THREADS = env_int("TETHER_DB_THREADS", 1 if IS_SQLITE else 8)
-# How often a held long-poll re-reads the queue, for commands queued by another process.
+# Threads for the human side (API, pages, streams' sync steps), each with its connection.
+HTTP_THREADS = env_int("TETHER_HTTP_THREADS", 4)
+# How often one query looks for work no notification announced (a lease that ran out, a
+# cancel to send again, a writer that could not notify), for all held long-polls at once.
 POLL_RECHECK = env_float("TETHER_POLL_RECHECK", 2)
 SIGNATURE_WINDOW = env_int("TETHER_SIGNATURE_WINDOW", 300)
 ACCEPT_LEGACY_AGENTS = env_bool("TETHER_ACCEPT_LEGACY_AGENTS", True)

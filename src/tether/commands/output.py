@@ -78,6 +78,8 @@ def discard_output(command: Command) -> None:
 
 def read_output(command: Command, stream: str, after: int = 0) -> tuple[bytes, int]:
     """The stored bytes of `stream` from offset `after` on, and the offset they end at."""
+    if getattr(command, f"{stream}_end") <= after:
+        return b"", after  # nothing stored past it (a command just queued): no query
     data = bytearray()
     end = after
     rows = (

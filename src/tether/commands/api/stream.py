@@ -33,6 +33,8 @@ def _snapshot(command_id: int, offsets: dict[str, int]) -> Snapshot:
     command = Command.objects.get(pk=command_id)
     snapshot = Snapshot(command=command)
     for stream, after in offsets.items():
+        if getattr(command, f"{stream}_end") <= after:
+            continue  # nothing new on this stream (stored with the row, in its transaction)
         rows = (
             OutputChunk.objects.filter(command_id=command_id, stream=stream, offset__gte=after)
             .order_by("offset")
