@@ -28,7 +28,10 @@ class HeldPollTestCase(BaseTestCase):
         return await AsyncClient().get(f"/api/agents/poll_commands/?wait={wait}", headers=headers)
 
     async def warm(self) -> None:
-        """One answered poll: the credential is cached, the agent online, the hub ready."""
+        """Polls until the credential is cached, the agent online, the hub ready: the first
+        poll brings the agent online (a change: this process's cached view goes), the
+        second loads it again as it now is."""
+        await self.poll(0)
         await self.poll(0)
         deadline = time.monotonic() + 5
         while not poll.hub.ready:

@@ -173,19 +173,6 @@ def _params(query: Mapping[str, str]) -> tuple[float, str | None, int | None]:
     return min(wait, fleet_services.effective_long_poll_timeout()), version, rpc_port
 
 
-def _needs_write(agent: Agent, version: str | None, rpc_port: int | None, peer: str | None) -> bool:
-    """Whether this poll changes the agent row beyond its heartbeat (its first poll, a new
-    version, port or address, a status a sign of life changes as this process last saw it):
-    written at once, with the apps above told. Anything else waits for the batch."""
-    return (
-        agent.status in fleet_services.REVIVED_BY_SIGN_OF_LIFE
-        or agent.last_heartbeat is None
-        or (bool(version) and version != agent.version)
-        or (rpc_port is not None and rpc_port != agent.rpc_port)
-        or (bool(peer) and peer != agent.address)
-    )
-
-
 def _open(
     agent: Agent, version: str | None, rpc_port: int | None, peer: str | None
 ) -> services.Delivery:
@@ -239,7 +226,7 @@ async def answer_poll(request: PollRequest, waiter: wakeups.Waiter) -> tuple[int
     hub.ensure_running()
     wakeups.register(wakeups.agent_key(agent.pk), waiter)
     delivery = services.Delivery(commands=[], cancel=[])
-    if _needs_write(agent, version, rpc_port, request.peer):
+    if heartbeats.needs_write(agent, version, rpc_port, request.peer):
         hub.taking(agent.pk)
         delivery = await run_db(_open, agent, version, rpc_port, request.peer)
     else:

@@ -17,7 +17,7 @@ from rest_framework.views import APIView
 
 from tether.errors import json_error
 
-from . import credentials, services
+from . import credentials, heartbeats, services
 from .agent_files import AGENT_FILES, agent_version
 from .agent_views import AgentAPIView, agent_endpoint, check_body_size, peer_address
 
@@ -91,7 +91,7 @@ class HeartbeatView(AgentAPIView):
         data = HeartbeatInput(data=request.data)
         data.is_valid(raise_exception=True)
         agent = self.get_agent()
-        services.record_heartbeat(
+        heartbeats.sign_of_life(
             agent=agent,
             version=data.validated_data.get("version"),
             rpc_port=data.validated_data.get("rpc_port"),

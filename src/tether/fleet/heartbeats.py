@@ -19,7 +19,7 @@ from django.db.models import Case, F, Value, When
 from django.utils import timezone
 
 from .models import Agent
-from .services import REVIVED_BY_SIGN_OF_LIFE
+from .services import REVIVED_BY_SIGN_OF_LIFE, record_heartbeat
 
 # What a batched heartbeat revives (REVIVED_BY_SIGN_OF_LIFE less `stopped`; see above).
 REVIVED_IN_BATCH = REVIVED_BY_SIGN_OF_LIFE - {Agent.Status.STOPPED}
@@ -38,6 +38,36 @@ def note(agent_id: int) -> None:
 
 def pending() -> int:
     return len(_noted)
+
+
+def needs_write(
+    agent: Agent, version: str | None, rpc_port: int | None, address: str | None
+) -> bool:
+    """Whether a sign of life changes the agent row beyond its heartbeat (a first one, a new
+    version, port or address, a status it revives, as this process last saw the agent): that
+    is written at once by record_heartbeat, with the apps above told. The rest is batched."""
+    return (
+        agent.status in REVIVED_BY_SIGN_OF_LIFE
+        or agent.last_heartbeat is None
+        or (bool(version) and version != agent.version)
+        or (rpc_port is not None and rpc_port != agent.rpc_port)
+        or (bool(address) and address != agent.address)
+    )
+
+
+def sign_of_life(
+    *,
+    agent: Agent,
+    version: str | None = None,
+    rpc_port: int | None = None,
+    address: str | None = None,
+) -> None:
+    """An agent is alive (a heartbeat call, a status check answered): written now if it
+    changes the row, else noted for the next flush."""
+    if needs_write(agent, version, rpc_port, address):
+        record_heartbeat(agent=agent, version=version, rpc_port=rpc_port, address=address)
+    else:
+        note(agent.pk)
 
 
 def flush_interval() -> float:

@@ -15,7 +15,7 @@ from tether import wakeups
 from tether.accounts.services import audit
 from tether.errors import TetherError
 
-from . import credentials, hooks
+from . import authentication, credentials, hooks
 from .models import Agent, Server
 
 
@@ -249,6 +249,8 @@ def record_heartbeat(
     Agent.objects.filter(pk=agent.pk).update(**fields)
     for name, value in fields.items():
         setattr(agent, name, value)
+    if len(fields) > 1:  # more than the heartbeat: this process's cached view is stale
+        authentication.forget_agent(agent.pk)
     changed = set(fields) & {"version", "rpc_port", "address"}
     if changed:
         hooks.agent_changed.send(agent=agent, changed=changed)
