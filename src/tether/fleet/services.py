@@ -253,9 +253,15 @@ def record_heartbeat(
         hooks.agent_changed.send(agent=agent, changed=changed)
 
 
+def offline_after() -> float:
+    """Seconds of silence after which an online agent is offline (3 heartbeat intervals):
+    an agent still online was heard from within this (what the fleet page says of it)."""
+    return 3 * settings.HEARTBEAT_INTERVAL
+
+
 def offline_cutoff(now: Any = None) -> Any:
-    """Heartbeats older than this are an offline agent's (3 heartbeat intervals)."""
-    return (now or timezone.now()) - timedelta(seconds=3 * settings.HEARTBEAT_INTERVAL)
+    """Heartbeats older than this are an offline agent's (see offline_after)."""
+    return (now or timezone.now()) - timedelta(seconds=offline_after())
 
 
 def agent_is_online(agent: Agent) -> bool:
