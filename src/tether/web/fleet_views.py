@@ -19,7 +19,7 @@ from typing import Any
 
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Page, Paginator
-from django.db.models import QuerySet
+from django.db.models import F, QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.utils import timezone
@@ -31,25 +31,17 @@ from tether.fleet.selectors import AgentFilter, agents_visible_to, count_by_stat
 
 FLEET_PAGE = 100  # agents per page of the fleet page (and per poll of its fragment)
 FILTERS = ("status", "q", "tag")
-# What a row shows (here and in the run form's picker), and nothing else: the pages load no
-# credentials, keys or addresses.
-ROW_FIELDS = (
-    "id",
-    "hostname",
-    "status",
-    "version",
-    "last_heartbeat",
-    "tags",
-    "server",
-    "server__name",
-)
+# What a listed agent shows, and nothing else: the pages load no credentials, keys or
+# addresses. The fleet's rows read these as tuples (with "server_name"): no model is built for
+# a poll; the run form's picker reads them as models (with the server's name).
+LISTED = ("id", "hostname", "status", "version", "last_heartbeat", "tags")
 
 
 class CountedPaginator(Paginator):
     """A paginator told how many rows match (counted in count_by_status's pass) instead of
     counting them in a query of its own."""
 
-    def __init__(self, object_list: QuerySet[Agent], per_page: int, *, count: int) -> None:
+    def __init__(self, object_list: QuerySet, per_page: int, *, count: int) -> None:
         super().__init__(object_list, per_page)
         self._known_count = count
 
@@ -69,11 +61,15 @@ def fleet_filter(request: HttpRequest) -> AgentFilter:
     )
 
 
+def listed_agents(request: HttpRequest) -> QuerySet[Agent]:
+    """The user's agents as models that hold what a list shows (the run form's picker)."""
+    return agents_visible_to(request.user).only(*LISTED, "server", "server__name")
+
+
 def filtered_agents(request: HttpRequest) -> QuerySet[Agent]:
     """The user's agents that pass the page's filters, by hostname (the run form's picker
     filters alike)."""
-    visible = agents_visible_to(request.user).only(*ROW_FIELDS)
-    return fleet_filter(request).apply(visible).order_by("hostname", "id")
+    return fleet_filter(request).apply(listed_agents(request)).order_by("hostname", "id")
 
 
 def fingerprint(filters: dict[str, str], page: Page, counts: dict[str, int]) -> str:
@@ -81,16 +77,8 @@ def fingerprint(filters: dict[str, str], page: Page, counts: dict[str, int]) -> 
     each row as displayed (an online agent's heartbeat time left out: see the module's
     docstring). Equal digests render equal fragments."""
     rows = [
-        (
-            agent.pk,
-            agent.hostname,
-            agent.server.name,
-            agent.status,
-            agent.version,
-            agent.tags,
-            None if agent.status == Agent.Status.ONLINE else agent.last_heartbeat,
-        )
-        for agent in page
+        row._replace(last_heartbeat=None) if row.status == Agent.Status.ONLINE else row
+        for row in page
     ]
     shown = (sorted(filters.items()), page.number, page.paginator.num_pages, counts, rows)
     return hashlib.blake2b(repr(shown).encode(), digest_size=16).hexdigest()
@@ -98,11 +86,16 @@ def fingerprint(filters: dict[str, str], page: Page, counts: dict[str, int]) -> 
 
 def fleet_context(request: HttpRequest) -> dict[str, Any]:
     """The counters (one aggregate, which also counts the rows the filters match) and one
-    page of rows (one query): two queries, whatever the fleet's size."""
+    page of rows (one query, read as tuples): two queries, whatever the fleet's size."""
     chosen = fleet_filter(request)
     visible = agents_visible_to(request.user)
     counts = count_by_status(visible, matching=chosen.q())
-    rows = chosen.apply(visible).order_by("hostname", "id").only(*ROW_FIELDS)
+    rows = (
+        chosen.apply(visible)
+        .order_by("hostname", "id")
+        .annotate(server_name=F("server__name"))
+        .values_list(*LISTED, "server_name", named=True)
+    )
     page = CountedPaginator(rows, FLEET_PAGE, count=counts["matching"]).get_page(
         request.GET.get("page")
     )

@@ -60,9 +60,10 @@ def count_summary(counts: dict[str, int]) -> str:
 
 @register.simple_tag
 def fleet_rows(agents: Iterable[Any]) -> str:
-    """The fleet table's rows. Built in Python, not with the template language: a template
-    loop over a page of agents is most of the fragment's CPU (bench/fleet_page.py).
-    format_html escapes every value."""
+    """The fleet table's rows, from the fleet page's row tuples (fleet_views.LISTED and
+    `server_name`). Built in Python, not with the template language: a template loop over a
+    page of agents is most of the fragment's CPU (bench/fleet_page.py). format_html escapes
+    every value."""
     link = reverse("web:agent", args=[0])[: -len("0/")]
     online = f"within {seconds_text(offline_after())}"
     rows = []
@@ -75,10 +76,10 @@ def fleet_rows(agents: Iterable[Any]) -> str:
                 'class="badge status-{status}">{status}</span></td><td data-label="Version">'
                 '{version}</td><td data-label="Heartbeat">{beat}</td>'
                 '<td data-label="Tags">{tags}</td></tr>',
-                pk=agent.pk,
+                pk=agent.id,
                 link=link,
                 host=agent.hostname,
-                server=agent.server.name,
+                server=agent.server_name,
                 status=agent.status,
                 version=agent.version or "\u2013",
                 beat=online if agent.status == "online" else heartbeat(agent.last_heartbeat),
