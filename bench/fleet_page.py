@@ -1,13 +1,20 @@
 #!/usr/bin/env python3
-"""What the fleet page's live status costs the server: each open page fetches the fleet
-fragment (`/fleet/rows/`) every 3 s.
+"""What the fleet page's live status costs the server at fleet size: each open page fetches
+the fleet fragment (`/fleet/rows/`) every 3 s, sending back the fingerprint of what it shows.
 
-Starts a real `tether serve` (SQLite, production timers), registers N agents, logs in as the
-admin through the login form (session and CSRF, as a browser does), fetches the fragment M
-times and reports its latency and the server's CPU time per fetch, then what that means for
+Starts a real `tether serve` (SQLite, production timers) over N agents written straight into
+its database (tests/scale.py's bulk_fleet: ten agents per server, 80 % online), logs in as the
+admin through the login form (session and CSRF, as a browser does), then fetches, M times each:
+- the fragment of a page whose fingerprint no longer holds (a changed fleet: 100 rows drawn),
+- the fragment of an unchanged page (the poll of a page left open: a 204, nothing drawn),
+- the same two with a tag filter, the whole page, and `/healthz` (the floor: any request),
+and reports each one's latency and the server's CPU time per fetch, then what that means for
 a number of operators with the page open.
 
-Run from the repository root: `.venv/bin/python bench/fleet_page.py --agents 200`.
+The agents here never send a heartbeat, so the sweep is turned off: it would mark the online
+ones offline halfway through and turn "unchanged" pages into changed ones.
+
+Run from the repository root: `.venv/bin/python bench/fleet_page.py --agents 10000`.
 """
 
 import argparse
@@ -15,6 +22,7 @@ import http.cookiejar
 import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,9 +34,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.dispatch import PRODUCTION_TIMERS  # noqa: E402
-from tests.conftest import ADMIN_PASSWORD, Api, Fleet, TetherServer  # noqa: E402
+from tests.conftest import ADMIN_PASSWORD, TetherServer  # noqa: E402
 
 POLL_SECONDS = 3  # hx-trigger="every 3s" on the fleet page
+BULK_FLEET = """
+import sys
+sys.path.insert(0, {root!r})
+import django
+django.setup()
+from django.contrib.auth import get_user_model
+from tests.scale import bulk_fleet
+bulk_fleet(get_user_model().objects.get(username="admin"), {agents})
+"""
 
 
 def cpu_seconds(pid: int) -> float:
@@ -50,47 +67,85 @@ def browser_session(url: str) -> urllib.request.OpenerDirector:
     return opener
 
 
+def seen(opener: urllib.request.OpenerDirector, url: str) -> str:
+    """The fingerprint a page shown at `url` sends back with its next poll."""
+    body = opener.open(url).read().decode()
+    return re.search(r'name="seen" value="(\w+)"', body).group(1)
+
+
+def measure(
+    opener: urllib.request.OpenerDirector, pid: int, url: str, fetches: int, status: int
+) -> tuple[float, float, float]:
+    """p50 and p99 latency (ms), and the server's CPU ms per fetch, of `fetches` GETs."""
+    latencies = []
+    cpu_before = cpu_seconds(pid)
+    for _ in range(fetches):
+        started = time.perf_counter()
+        with opener.open(url) as response:
+            response.read()
+            assert response.status == status, (url, response.status)
+        latencies.append((time.perf_counter() - started) * 1000)
+    cpu_ms = (cpu_seconds(pid) - cpu_before) * 1000 / fetches
+    latencies.sort()
+    return statistics.median(latencies), latencies[int(len(latencies) * 0.99) - 1], cpu_ms
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--agents", type=int, default=200)
-    parser.add_argument("--fetches", type=int, default=300)
+    parser.add_argument("--agents", type=int, default=10_000)
+    parser.add_argument("--fetches", type=int, default=200)
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="tether-fleet-"))
-    env = {**PRODUCTION_TIMERS, "TETHER_REGISTER_RATE": "100000/min"}
-    server = TetherServer(tmp / "data", env).setup().start()
+    env = {**PRODUCTION_TIMERS, "TETHER_SWEEP_INTERVAL": "86400"}
+    server = TetherServer(tmp / "data", env).setup()
+    bulk = BULK_FLEET.format(root=str(ROOT), agents=args.agents)
+    started = time.perf_counter()
+    subprocess.run(
+        [sys.executable, "-c", bulk],
+        env={**server.env, "DJANGO_SETTINGS_MODULE": "tether.settings"},
+        check=True,
+    )
+    print(f"{args.agents} agents written in {time.perf_counter() - started:.1f} s")
+    server.start()
     try:
-        fleet = Fleet(server, server.login("admin", ADMIN_PASSWORD), tmp)
-        for i in range(args.agents):
-            status, body = Api(server.url).post(
-                "/api/agents/register/",
-                {"server_token": fleet.server_token, "hostname": f"host-{i:04d}"},
-            )
-            assert status == 201, body
         opener = browser_session(server.url)
-        first = opener.open(server.url + "/fleet/rows/").read().decode()
-        assert first.count("host-") >= args.agents, "the fragment does not list the agents"
-        latencies = []
-        cpu_before = cpu_seconds(server.proc.pid)
-        for _ in range(args.fetches):
-            started = time.perf_counter()
-            opener.open(server.url + "/fleet/rows/").read()
-            latencies.append((time.perf_counter() - started) * 1000)
-        cpu_ms = (cpu_seconds(server.proc.pid) - cpu_before) * 1000 / args.fetches
+        rows = server.url + "/fleet/rows/"
+        first = opener.open(rows).read().decode()
+        assert first.count("data-agent=") == min(args.agents, 100), "not a page of rows"
+        assert f'id="count-total">{args.agents}<' in first, "the counters miss agents"
+        poll = "?q=&status=&tag=&page=1"  # what the page's poll sends, as htmx writes it
+        tagged = "?q=&status=&tag=rack-7&page=1"
+        cases = [
+            ("fragment, changed (100 rows drawn)", f"{rows}{poll}&seen=stale", 200),
+            ("fragment, unchanged (204)", f"{rows}{poll}&seen={seen(opener, rows + poll)}", 204),
+            ("fragment by tag, changed", f"{rows}{tagged}&seen=stale", 200),
+            (
+                "fragment by tag, unchanged",
+                f"{rows}{tagged}&seen={seen(opener, rows + tagged)}",
+                204,
+            ),
+            ("whole page", server.url + "/", 200),
+            # The floor: any request through this server's Django stack (one query).
+            ("/healthz, for comparison", server.url + "/healthz", 200),
+        ]
+        results = [
+            (name, *measure(opener, server.proc.pid, url, args.fetches, status))
+            for name, url, status in cases
+        ]
     finally:
         server.kill()
 
-    latencies.sort()
-    p99 = latencies[int(len(latencies) * 0.99) - 1]
-    print(f"fleet fragment with {args.agents} agents, {args.fetches} fetches, one session")
-    print(f"  latency p50 {statistics.median(latencies):.1f} ms, p99 {p99:.1f} ms")
-    print(f"  server CPU {cpu_ms:.1f} ms per fetch")
-    for operators in (10, 50):
-        share = operators / POLL_SECONDS * cpu_ms / 1000 * 100
-        print(
-            f"  {operators} open fleet pages, a fetch each per {POLL_SECONDS} s: "
-            f"{share:.1f}% of a core"
+    print(f"fleet page with {args.agents} agents, {args.fetches} fetches each, one session")
+    print(f"  {'':38} {'p50':>8} {'p99':>8} {'CPU/fetch':>10}")
+    for name, p50, p99, cpu_ms in results:
+        print(f"  {name:38} {p50:6.1f}ms {p99:6.1f}ms {cpu_ms:8.1f}ms")
+    for name, _, _, cpu_ms in results[:2]:
+        shares = ", ".join(
+            f"{operators} pages {operators / POLL_SECONDS * cpu_ms / 10:.1f} % of a core"
+            for operators in (10, 50)
         )
+        print(f"  open pages polling every {POLL_SECONDS} s, all {name.split(', ')[1]}: {shares}")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 """GET /api/agents/ (own agents, filters), GET/PATCH /api/agents/{id}/."""
 
+from urllib.parse import quote
+
 from tether.fleet import services
 from tether.fleet.models import Agent
 
@@ -58,6 +60,16 @@ class AgentsListTestCase(BaseTestCase):
         self.assertEqual(sorted(self.ids("?tag=prod")), sorted([self.agent.pk, self.db_agent.pk]))
         self.assertEqual(self.ids("?tag=pro"), [])
         self.assertEqual(self.ids("?tag=prod&status=offline"), [self.db_agent.pk])
+
+    def test_a_tag_is_matched_as_a_whole_string(self) -> None:
+        for tag in ('"web"', '["web"]', "web%", "w_b", "%", "web' OR '1'='1"):
+            with self.subTest(tag=tag):
+                self.assertEqual(self.ids(f"?tag={quote(tag)}"), [])
+
+    def test_it_handles_a_page_out_of_range(self) -> None:
+        for page in ("2", "abc", "0"):
+            with self.subTest(page=page):
+                self.assertError(self.client.get(f"/api/agents/?page={page}"), 404, "not_found")
 
     def test_the_tag_filter_keeps_ownership(self) -> None:
         Agent.objects.filter(pk=self.bob_agent.pk).update(tags=["web"])

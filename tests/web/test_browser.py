@@ -220,6 +220,37 @@ def test_a_template_value_cannot_add_a_command(page: "sync_api.Page", shared_fle
     assert not marker.exists()
 
 
+def next_fleet_poll(page: "sync_api.Page") -> "sync_api.Response":
+    with page.expect_response(lambda response: "/fleet/rows/" in response.url) as polled:
+        pass
+    return polled.value
+
+
+def test_an_unchanged_fleet_page_is_left_as_it_is_and_a_change_is_drawn(
+    page: "sync_api.Page", shared_fleet: Fleet, admin_api: Api
+) -> None:
+    row = page.locator(f'tr[data-agent="{shared_fleet.agent_id}"]')
+    expect(row.locator(".badge")).to_have_text("online")
+    page.evaluate("document.querySelector('#fleet table').kept = true")
+
+    # Other tests' agents may change meanwhile: some poll soon finds the page as it was.
+    polls = [next_fleet_poll(page)]
+    while polls[-1].status != 204 and len(polls) < 10:
+        polls.append(next_fleet_poll(page))
+
+    assert polls[-1].status == 204, [poll.status for poll in polls]
+    assert "seen=" in polls[-1].url and "page=1" in polls[-1].url
+    assert page.evaluate("document.querySelector('#fleet table').kept") is True
+    tag = f"drawn-{uuid.uuid4().hex[:6]}"
+    url = f"/api/agents/{shared_fleet.agent_id}/"
+    assert admin_api.request("PATCH", url, {"tags": [tag]})[0] == 200
+    try:
+        expect(row.locator(".tag")).to_have_text(tag)
+        assert page.evaluate("document.querySelector('#fleet table').kept") is None
+    finally:
+        admin_api.request("PATCH", url, {"tags": []})
+
+
 def test_another_users_agent_is_not_found_and_logging_out_leads_to_login(
     browser: "sync_api.Browser", tether: TetherServer, shared_fleet: Fleet
 ) -> None:

@@ -74,6 +74,9 @@ class Agent(models.Model):
         constraints = [
             models.UniqueConstraint(fields=["server", "hostname"], name="agent_unique_per_host")
         ]
+        # Lists are read a page at a time in this order (the API, the fleet page and its
+        # poll): the database walks the first rows of the index instead of sorting the fleet.
+        indexes = [models.Index(fields=["hostname", "id"], name="agent_hostname")]
 
     def __str__(self) -> str:
         return self.hostname

@@ -269,9 +269,15 @@ def set_agent_status(agent_id: int, status: str, *, only_from: str | None = None
     return changed
 
 
+def offline_after() -> float:
+    """Seconds of silence after which an online agent is offline (3 heartbeat intervals):
+    an agent still online was heard from within this (what the fleet page says of it)."""
+    return 3 * settings.HEARTBEAT_INTERVAL
+
+
 def offline_cutoff(now: Any = None) -> Any:
-    """Heartbeats older than this are an offline agent's (3 heartbeat intervals)."""
-    return (now or timezone.now()) - timedelta(seconds=3 * settings.HEARTBEAT_INTERVAL)
+    """Heartbeats older than this are an offline agent's (see offline_after)."""
+    return (now or timezone.now()) - timedelta(seconds=offline_after())
 
 
 def agent_is_online(agent: Agent) -> bool:

@@ -33,8 +33,8 @@ from tether.errors import first_message
 from tether.fleet.models import Agent
 from tether.fleet.selectors import agents_visible_to, count_by_status
 
+from .fleet_views import filtered_agents, listed_agents
 from .forms import chosen_template, posted_template, run_body
-from .views import filtered_agents
 
 RUNS_PAGE = 50  # runs per page of the history
 PICKER_ROWS = 50  # agents offered at once in the form's picker: the filters find the rest
@@ -111,7 +111,7 @@ def _picker(request: HttpRequest, checked: list[str]) -> dict[str, Any]:
     """The agents the form offers: those already checked (kept across filtering), then the
     first PICKER_ROWS that match the filters (the fleet page's), and how many more match."""
     ids = [int(value) for value in checked if value.isdigit() and len(value) <= 18]
-    visible = agents_visible_to(request.user)
+    visible = listed_agents(request)
     pinned = list(visible.filter(pk__in=ids).order_by("hostname", "id")) if ids else []
     matching = filtered_agents(request).exclude(pk__in=ids)
     offered = list(matching[:PICKER_ROWS])

@@ -2,6 +2,8 @@
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.paginator import Paginator
+from django.db.models import Prefetch
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils.cache import add_never_cache_headers
@@ -14,10 +16,16 @@ from tether.deploy import lifecycle
 from tether.deploy.models import Deployment
 from tether.deploy.services import public_url
 from tether.fleet import services as fleet_services
-from tether.fleet.models import Server
+from tether.fleet.models import Agent, Server
 from tether.fleet.selectors import servers_visible_to
 
 from .forms import ServerForm, TemplateForm
+
+SERVERS_PAGE = 50  # servers per page of the servers page
+# A server's agents as its row shows them: names and statuses, by hostname.
+AGENTS = Prefetch(
+    "agents", queryset=Agent.objects.only("id", "server", "hostname", "status").order_by("hostname")
+)
 
 
 def _agent_command_line(request: HttpRequest, token: str) -> str:
@@ -46,8 +54,12 @@ def servers(request: HttpRequest) -> HttpResponse:
     if request.method == "POST" and form.is_valid():
         server, token = fleet_services.create_server(owner=request.user, **form.cleaned_data)
         return _token_page(request, server, token)
-    listing = servers_visible_to(request.user).prefetch_related("agents").order_by("name")
-    return render(request, "web/servers.html", {"servers": listing, "form": form})
+    listing = servers_visible_to(request.user).order_by("name", "id")
+    # A page of servers, and the agents of those only (one query for all of them).
+    page = Paginator(listing.prefetch_related(AGENTS), SERVERS_PAGE).get_page(
+        request.GET.get("page")
+    )
+    return render(request, "web/servers.html", {"servers": page, "page": page, "form": form})
 
 
 @login_required

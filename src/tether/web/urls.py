@@ -3,7 +3,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from . import run_views, setup_views, views
+from . import fleet_views, run_views, setup_views, views
 
 app_name = "web"
 
@@ -19,8 +19,8 @@ urlpatterns = [
         name="login",
     ),
     path("logout/", auth_views.LogoutView.as_view(next_page="web:login"), name="logout"),
-    path("", views.fleet, name="fleet"),
-    path("fleet/rows/", views.fleet_rows, name="fleet-rows"),
+    path("", fleet_views.fleet, name="fleet"),
+    path("fleet/rows/", fleet_views.fleet_rows, name="fleet-rows"),
     path("agents/<int:agent_id>/", views.agent_detail, name="agent"),
     path("agents/<int:agent_id>/status/", views.agent_status, name="agent-status"),
     path("agents/<int:agent_id>/history/", views.agent_history, name="agent-history"),

@@ -1,4 +1,5 @@
-"""The operators' pages: fleet, agent console, commands and deployments.
+"""The operators' pages: agent console, commands and deployments (the fleet page is
+fleet_views.py).
 
 Each view reads through the ownership selectors (another user's object is a 404) and changes
 state only through the services, which audit every human action. The live output is not
@@ -11,7 +12,6 @@ from typing import Any
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import SuspiciousFileOperation
-from django.db.models import QuerySet
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
@@ -26,8 +26,7 @@ from tether.commands.states import is_final
 from tether.deploy import lifecycle
 from tether.deploy.models import Deployment
 from tether.deploy.selectors import deployment_history, deployments_visible_to
-from tether.fleet.models import Agent
-from tether.fleet.selectors import AgentFilter, agents_visible_to, count_by_status
+from tether.fleet.selectors import agents_visible_to
 from tether.pki import services as pki_services
 
 from .forms import RunCommandForm, chosen_template, template_values
@@ -45,40 +44,6 @@ def static_file(request: HttpRequest, path: str) -> HttpResponse:
         return serve(request, path, document_root=STATIC_DIR)
     except SuspiciousFileOperation as exc:
         raise Http404 from exc
-
-
-def filtered_agents(request: HttpRequest) -> QuerySet[Agent]:
-    """The fleet page's filters are the API's (AgentFilter); a status the page does not know
-    is left out rather than refused."""
-    status = request.GET.get("status", "")
-    chosen = AgentFilter(
-        status=status if status in Agent.Status.values else "",
-        search=request.GET.get("q", "").strip(),
-        tag=request.GET.get("tag", "").strip(),
-    )
-    return chosen.apply(agents_visible_to(request.user).order_by("hostname", "id"))
-
-
-def _fleet_context(request: HttpRequest) -> dict[str, Any]:
-    return {
-        "agents": filtered_agents(request),
-        "counts": count_by_status(agents_visible_to(request.user)),
-        "statuses": Agent.Status.values,
-        "filters": {key: request.GET.get(key, "") for key in ("status", "q", "tag")},
-    }
-
-
-@login_required
-@require_GET
-def fleet(request: HttpRequest) -> HttpResponse:
-    return render(request, "web/fleet.html", _fleet_context(request))
-
-
-@login_required
-@require_GET
-def fleet_rows(request: HttpRequest) -> HttpResponse:
-    """The fragment the fleet page polls: counters and rows, one query each."""
-    return render(request, "web/_fleet_rows.html", _fleet_context(request))
 
 
 @login_required

@@ -202,7 +202,33 @@
       .catch(function (error) { out.textContent = "check failed: " + error; });
   }
 
+  // "5 min ago" as the server's `ago` filter writes it. The fleet's rows are redrawn only when
+  // what they show changes, so the ages of agents not heard from move on here, counted from
+  // the server's clock at render time (`data-server-now`, in seconds), not the browser's.
+  function agoText(seconds) {
+    var units = [["d", 86400], ["h", 3600], ["min", 60]];
+    for (var i = 0; i < units.length; i++) {
+      if (seconds >= units[i][1]) return Math.floor(seconds / units[i][1]) + " " + units[i][0] + " ago";
+    }
+    return Math.max(0, Math.floor(seconds)) + " s ago";
+  }
+
+  function tickAges() {
+    document.querySelectorAll("[data-server-now]").forEach(function (block) {
+      if (!block.renderedAt) block.renderedAt = Date.now();
+      var now = Number(block.dataset.serverNow) * 1000 + (Date.now() - block.renderedAt);
+      block.querySelectorAll("time[data-ago]").forEach(function (time) {
+        time.textContent = agoText((now - Date.parse(time.getAttribute("datetime"))) / 1000);
+      });
+    });
+  }
+
+  setInterval(tickAges, 5000);
+
   function start(scope) {
+    scope.querySelectorAll("[data-server-now]").forEach(function (block) {
+      block.renderedAt = Date.now();
+    });
     scope.querySelectorAll(".console[data-stream]").forEach(followCommand);
     scope.querySelectorAll(".deployment[data-stream]").forEach(followDeployment);
     scope.querySelectorAll(".run-summary[data-stream]").forEach(followRun);
