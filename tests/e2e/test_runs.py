@@ -252,8 +252,13 @@ def test_past_max_errors_the_targets_not_started_are_cancelled(crowd: Crowd) -> 
     # The third failure passes max_errors; with two at a time, one more may have been running.
     assert 3 <= len(failed) <= 4 and len(failed) + len(cancelled) == 8, done["targets"]
     assert {t["exit_code"] for t in failed} == {3}
+    # One handed out in the window as the limit passed is asked to cancel, as a running one
+    # would be: its agent may have started it. Every other was never started.
+    asked = [t for t in cancelled if t["started_at"] is not None]
+    assert len(asked) <= 1, asked
     for target in cancelled:
-        assert target["started_at"] is None, target
+        if target in asked:
+            continue
         assert "max_errors" in target["error"], target
         status, command = crowd.api.get(f"/api/commands/{target['command']}/")
         assert command["stdout"] == "" and command["status"] == "cancelled", command
