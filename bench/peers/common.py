@@ -28,7 +28,6 @@ class Series:
 
     label: str
     rounds: dict[int, list[float]] = field(default_factory=dict)
-    problem: str = ""  # why there are no figures, when there are none
 
 
 def venv(name: str) -> Path:
@@ -47,7 +46,10 @@ def venv(name: str) -> Path:
         [str(home / "bin" / "pip"), "install", "-q", "-r", str(requirements)],
     ]
     for argv in steps:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
+        except subprocess.TimeoutExpired as exc:
+            raise Unavailable(f"`{' '.join(argv)}` still running after {exc.timeout} s") from None
         if done.returncode != 0:
             said = [
                 line
