@@ -83,8 +83,9 @@ def measure(sizes: list[int], rounds: int, warmup: int, tmp: Path, bin_dir: Path
     series = Series("Ansible")
     (tmp / "sshd").mkdir()
     # Every host connects at once: sshd's default MaxStartups (10) would drop some.
-    sshd = Sshd(tmp / "sshd", settings=("MaxStartups 200",)).start()
+    sshd = Sshd(tmp / "sshd", settings=("MaxStartups 200",))
     try:
+        sshd.start()
         env = configure(tmp, sshd, sizes)
         for size in sizes:
             argv = [str(bin_dir / "ansible"), "all", "-i", str(tmp / f"inventory-{size}.ini")]

@@ -36,9 +36,10 @@ def run_through_api(client: Client, agents: list[int]) -> None:
 def measure(sizes: list[int], rounds: int, warmup: int, tmp: Path) -> list[Series]:
     api_series, cli_series = Series("Tether"), Series("tetherctl run")
     env = {**PRODUCTION_TIMERS, "TETHER_REGISTER_RATE": "1000000/min"}
-    server = TetherServer(tmp / "tether", env).setup().start()
+    server = TetherServer(tmp / "tether", env)
     agents: list[AgentProcess] = []
     try:
+        server.setup().start()
         api = server.login("admin", ADMIN_PASSWORD)
         ids, agents = start_real_agents(server, api, tmp, max(sizes))
         token = api.headers["Authorization"].split()[1]
