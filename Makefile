@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 BIND ?= 127.0.0.1:8000
 
-.PHONY: run test test-pg lint bench
+.PHONY: run test test-pg lint bench bench-peers bench-load
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,3 +37,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/check_status.py
 	$(BIN)/python bench/fleet_page.py
 	$(BIN)/python bench/fanout.py
+
+# Tether beside Salt and Ansible (`true` on 1, 10 and 25 hosts); each tool in its own venv,
+# built by the script on its first run (bench/peers/.venvs/).
+bench-peers: $(STAMP)
+	$(BIN)/python bench/peers/run.py

@@ -30,11 +30,13 @@ def _keygen(path: Path) -> None:
 
 
 class Sshd:
-    """`sshd -D` on 127.0.0.1:<port>; `client_key` logs in as the current user."""
+    """`sshd -D` on 127.0.0.1:<port>; `client_key` logs in as the current user. `settings`
+    are sshd_config lines that take precedence over the defaults here."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, settings: tuple[str, ...] = ()) -> None:
         self.root = root
         self.port = free_port()
+        self.settings = settings
         self.host_key = root / "host_ed25519"
         self.client_key = root / "client_ed25519"
         self.config = root / "sshd_config"
@@ -56,6 +58,8 @@ class Sshd:
                 [
                     f"Port {self.port}",
                     "ListenAddress 127.0.0.1",
+                    # sshd keeps the first value of a keyword: these override the ones below.
+                    *self.settings,
                     f"HostKey {self.host_key}",
                     f"PidFile {self.root / 'sshd.pid'}",
                     f"AuthorizedKeysFile {authorized}",
