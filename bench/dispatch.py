@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Dispatch latency: queue -> agent start -> result for `true`, one agent, SQLite.
+"""Dispatch latency: queue -> agent start -> result for `true`, one agent, SQLite (or
+PostgreSQL: TETHER_DATABASE_URL, a database of its own there).
 
 Starts a real `tether serve` and a real agent on loopback with production timers, sends
 `--count` commands one after another and prints p50/p90/p99 of:
   queue->start   command created (server clock) to process started (agent clock, same host)
   queue->result  command created to result stored (both server clock)
   client         POST send_command until the client sees the command final
-once with nobody watching (the bench reads SQLite itself) and once with a client watching
+once with nobody watching (the bench reads the database itself) and once with a client watching
 the command's SSE stream, as a user would,
 plus the resident memory of the idle agent and of the server.
 
@@ -25,7 +26,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import ADMIN_PASSWORD, Fleet, TetherServer, kill_group  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    ADMIN_PASSWORD,
+    Fleet,
+    TetherServer,
+    database_label,
+    kill_group,
+)
 
 PRODUCTION_TIMERS = {
     "TETHER_HEARTBEAT_INTERVAL": "30",
@@ -120,9 +127,9 @@ def main() -> None:
             kill_group(fleet.agent_proc.proc)
         server.kill()
 
-    print(f"dispatch of `true`, {args.count} commands per mode, one agent, SQLite (WAL)")
+    print(f"dispatch of `true`, {args.count} commands per mode, one agent, {database_label()}")
     for mode, label in (
-        ("db", "nobody watching (bench reads SQLite)"),
+        ("db", "nobody watching (bench reads the database)"),
         ("sse", "a client watching the command's SSE stream"),
     ):
         print(f"  {label}:")

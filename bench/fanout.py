@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """Fan-out: one run of `true` to N agents, from the POST /api/runs/ to the last result stored.
 
-Starts a real `tether serve` (SQLite, production timers) and measures, over several rounds:
+Starts a real `tether serve` (SQLite, or PostgreSQL with TETHER_DATABASE_URL; production
+timers) and measures, over several rounds:
   single     one `send_command` to one real agent, until its result is stored (for scale)
   real N     a run to N real agent processes (agent/main.py, one managed server each)
   sim N      a run to N simulated agents: asyncio, standard library only, many per process,
              speaking the agent's HTTP protocol on keep-alive connections (below)
 Each figure runs from the moment the bench sends its POST (client clock) to the last target's
 `finished_at`, written by the server when it stores the result (same host, same clock). The
-bench learns that a run is over by reading the SQLite file itself, as bench/dispatch.py does,
+bench learns that a run is over by reading the database itself, as bench/dispatch.py does,
 so the server carries no extra load while it works. Beside the total it prints when, from the
 POST, the last target reached each phase: run row created, POST answered, handed to its agent
 (`delivered_at`), started by its agent (`started_at`, agent clock), result stored, run over.
@@ -53,6 +54,7 @@ from tests.conftest import (  # noqa: E402
     Api,
     Fleet,
     TetherServer,
+    database_label,
     wait_for,
 )
 
@@ -457,7 +459,7 @@ def main() -> None:
         server.kill()
 
     print(
-        f"fan-out of `true`: POST /api/runs/ -> last result stored, SQLite (WAL), "
+        f"fan-out of `true`: POST /api/runs/ -> last result stored, {database_label()}, "
         f"production timers, {args.rounds} rounds after {args.warmup} warm-up"
     )
     if args.server_env:

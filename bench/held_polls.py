@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.dispatch import PRODUCTION_TIMERS, rss_mib  # noqa: E402
-from tests.conftest import ADMIN_PASSWORD, Api, Fleet, TetherServer  # noqa: E402
+from tests.conftest import ADMIN_PASSWORD, Api, Fleet, TetherServer, database_label  # noqa: E402
 
 
 def server_stats(pid: int) -> str:
@@ -76,7 +76,7 @@ def main() -> None:
     finally:
         server.kill()
 
-    print(f"{args.agents} held long-polls, one server process, SQLite")
+    print(f"{args.agents} held long-polls, one server process, {database_label()}")
     print(f"  before: {before}")
     print(f"  held:   {held}")
     print(f"  a command queued for one of them answered its held poll in {wake_ms:.1f} ms")

@@ -90,6 +90,11 @@ def fresh_database_url(server: str | None = None) -> str | None:
     return urlunsplit(urlsplit(base)._replace(path=f"/{name}"))
 
 
+def database_label() -> str:
+    """Which backend the servers of this run use, for what tests and benchmarks print."""
+    return "PostgreSQL" if os.environ.get("TETHER_DATABASE_URL") else "SQLite (WAL)"
+
+
 class Database:
     """A test's own connection to a server's database, on either backend, in autocommit: the
     tests write their SQL once, with `?` placeholders, and read rows as tuples (timestamps come

@@ -23,7 +23,14 @@ def main(argv: list[str]) -> int:
     with PgCluster() as cluster:
         print(f"PostgreSQL {cluster.bin_dir.parent.name} on port {cluster.port}", flush=True)
         env = {**os.environ, "TETHER_DATABASE_URL": cluster.url}
-        pytest = subprocess.Popen([sys.executable, "-m", "pytest", *argv], env=env, cwd=ROOT)
+        pytest = subprocess.Popen(
+            [sys.executable, "-m", "pytest", *argv],
+            env=env,
+            cwd=ROOT,
+            # A shell starts background jobs with SIGINT ignored, and the child would inherit
+            # that: pytest must hear the interrupt sent below.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
 
         # CI cancelling the job (SIGTERM) or ^C: pytest gets an interrupt, so that it stops
         # the servers it started, and the cluster goes after it.

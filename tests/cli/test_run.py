@@ -211,7 +211,10 @@ def test_ctrl_c_cancels_the_run_it_started_and_exits_130(web: Web) -> None:
 
     def ended() -> dict | None:
         _, run = operator.api.get(f"/api/runs/{run_id}/")
-        return run if all(t["status"] in FINAL for t in run["targets"]) else None
+        # The run and its targets are two reads: the last target's result may commit between
+        # them (PostgreSQL runs the agents' results in parallel), so wait for both to be over.
+        over = run["status"] != "running" and all(t["status"] in FINAL for t in run["targets"])
+        return run if over else None
 
     run = wait_for(ended, timeout=30, what="every target killed")  # not the 60 s sleep
     assert run["status"] == "cancelled"
