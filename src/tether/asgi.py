@@ -17,10 +17,13 @@ other path MAX_REQUEST_BYTES.
 import asyncio
 import contextlib
 import contextvars
+import functools
 import logging
 import os
+import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from types import SimpleNamespace
 from typing import Any
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tether.settings")
@@ -44,10 +47,30 @@ log = logging.getLogger("tether.agent_api")
 AGENT_PREFIX = "/api/agents/"
 
 
+# A command's progress and result paths hold its id, so each is new to a path cache; resolved
+# through the URLconf they cost a tenth of the server's CPU in a fan-out. They are matched here
+# by one regex, then resolved once per shape (`command` or `commands`, progress or result):
+# the view and the route are the URLconf's own (tests/test_agent_routes.py holds them equal).
+_COMMAND_REPORT = re.compile(r"^/api/agents/(commands?)/([0-9]{1,18})/(progress|result)/$")
+
+
 def agent_endpoint_match(path: str) -> Any:
     """The URL match of an agent endpoint (a view marked `agent_endpoint`), else None."""
     if not path.startswith(AGENT_PREFIX):
         return None
+    report = _COMMAND_REPORT.match(path)
+    if report is not None:
+        prefix, command_id, kind = report.groups()
+        shape = _resolve_agent_path(f"{AGENT_PREFIX}{prefix}/1/{kind}/")
+        if shape is not None:
+            return SimpleNamespace(
+                func=shape.func, args=(), kwargs={"command_id": int(command_id)}, route=shape.route
+            )
+    return _resolve_agent_path(path)
+
+
+@functools.lru_cache(maxsize=1024)
+def _resolve_agent_path(path: str) -> Any:
     set_urlconf(settings.ROOT_URLCONF)
     try:
         match = get_resolver().resolve(path)

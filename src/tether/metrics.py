@@ -13,6 +13,7 @@ a process that exits is passed to `process_exited` so its held polls stop counti
 
 import os
 import re
+from typing import Any
 
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.registry import Collector
@@ -72,8 +73,17 @@ def observe_request(route: str | None, method: str, code: int) -> None:
     `ResolverMatch.route`, e.g. `match.route` in the thin agent route), never the raw path:
     None for a path that matched nothing. Unusual methods count as `other`, so a client cannot
     grow the label set."""
-    method = method.upper() if method.upper() in METHODS else "other"
-    REQUESTS.labels(route=route_label(route), method=method, code=str(code)).inc()
+    key = (route, method, code)
+    counter = _request_counters.get(key)
+    if counter is None:  # labels() takes a lock and builds its key: once per label set
+        label = method.upper() if method.upper() in METHODS else "other"
+        counter = REQUESTS.labels(route=route_label(route), method=label, code=str(code))
+        if len(_request_counters) < 10_000:
+            _request_counters[key] = counter
+    counter.inc()
+
+
+_request_counters: dict[tuple, Any] = {}
 
 
 def process_metrics() -> Collector:
