@@ -42,7 +42,9 @@ class HeldPollTestCase(BaseTestCase):
     async def test_held_polls_do_not_query_on_a_timer_of_their_own(self) -> None:
         await self.warm()
         with (
-            mock.patch.object(services, "claim_commands", wraps=services.claim_commands) as claims,
+            mock.patch.object(
+                services, "claim_for_agents", wraps=services.claim_for_agents
+            ) as claims,
             mock.patch.object(poll, "_tick", wraps=poll._tick) as ticks,
         ):
             # Three polls held for 1 s: twenty re-check periods each.
@@ -102,6 +104,41 @@ class HeldPollTestCase(BaseTestCase):
 
         self.assertEqual(response.status_code, 200, response.content)
         lookups.assert_not_called()
+
+
+class ClaimBatchTestCase(BaseTestCase):
+    @override_settings(POLL_RECHECK=0.05, HEARTBEAT_INTERVAL=1)
+    async def test_polls_woken_together_claim_together(self) -> None:
+        registrations = await sync_to_async(
+            lambda: [
+                fleet_services.register_agent(server=self.server, hostname=f"w{i}")
+                for i in range(12)
+            ]
+        )()
+        tokens = [r.token for r in registrations]
+        for _ in range(2):  # bring each online, then cache it as it now is
+            await asyncio.gather(*(self.poll(t, 0) for t in tokens))
+        held = [asyncio.ensure_future(self.poll(t, 5)) for t in tokens]
+        await asyncio.sleep(0.2)
+
+        with mock.patch.object(
+            services, "claim_for_agents", wraps=services.claim_for_agents
+        ) as claims:
+            queued = await sync_to_async(self.queue_for_all)([r.agent for r in registrations])
+            answers = await asyncio.gather(*held)
+
+        got = [[c["id"] for c in a.json()["commands"]] for a in answers]
+        self.assertEqual(got, [[c.pk] for c in queued])
+        self.assertLess(claims.call_count, 6, "each woken poll claimed on its own")
+
+    async def poll(self, token: str, wait: float) -> Any:
+        return await AsyncClient().get(
+            f"/api/agents/poll_commands/?wait={wait}", headers={"X-Agent-Token": token}
+        )
+
+    def queue_for_all(self, agents: list[Agent]) -> list[Command]:
+        with self.captureOnCommitCallbacks(execute=True):
+            return [self.queue("echo together", agent=agent) for agent in agents]
 
 
 class HeartbeatBatchTestCase(BaseTestCase):

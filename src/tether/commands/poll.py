@@ -90,6 +90,8 @@ class Hub:
         self.task: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.last_query = 0.0
+        self.claims: list[tuple[int, asyncio.Future]] = []
+        self.claiming = False
 
     def observe(self, key: str) -> None:
         """Every notification (any thread): an agent with new work, or a cancel."""
@@ -109,6 +111,38 @@ class Hub:
     def taking(self, agent_id: int) -> None:
         """A poll is about to claim for the agent: a notification from now on is new."""
         self.work.discard(agent_id)
+
+    async def claim(self, agent_id: int) -> services.Delivery:
+        """Claim for one poll, in a batch with every other poll claiming meanwhile: a run's
+        release wakes hundreds of polls at once, and each claim alone would be a trip to the
+        database thread and a transaction of its own."""
+        self.taking(agent_id)
+        future = asyncio.get_running_loop().create_future()
+        self.claims.append((agent_id, future))
+        if not self.claiming:
+            self.claiming = True
+            asyncio.get_running_loop().create_task(self._claim_batches())
+        return await future
+
+    async def _claim_batches(self) -> None:
+        try:
+            while self.claims:
+                batch, self.claims = self.claims[:CLAIM_BATCH], self.claims[CLAIM_BATCH:]
+                # One agent's two polls (a reconnect) must not both get its commands.
+                agent_ids = list(dict.fromkeys(agent_id for agent_id, _ in batch))
+                try:
+                    deliveries = await run_db(services.claim_for_agents, agent_ids)
+                except Exception as exc:
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for agent_id, future in batch:
+                    delivery = deliveries.pop(agent_id, None) or services.Delivery([], [])
+                    if not future.done():
+                        future.set_result(delivery)
+        finally:
+            self.claiming = False
 
     def ensure_running(self) -> None:
         loop = asyncio.get_running_loop()
@@ -147,6 +181,8 @@ def _tick(query: bool) -> set[int] | None:
     return services.agents_with_work() if query else None
 
 
+# Polls claimed for in one trip to the database at most (bounded by SQLite's parameters).
+CLAIM_BATCH = 500
 hub = Hub()
 wakeups.observe(hub.observe)
 wakeups.on_resync(hub.resync)
@@ -232,8 +268,7 @@ async def answer_poll(request: PollRequest, waiter: wakeups.Waiter) -> tuple[int
     else:
         heartbeats.note(agent.pk)
         if hub.may_have_work(agent.pk):
-            hub.taking(agent.pk)
-            delivery = await run_db(services.claim_commands, agent=agent)
+            delivery = await hub.claim(agent.pk)
     deadline = time.monotonic() + wait
     with metrics.HELD_POLLS.track_inprogress():
         while not (delivery.commands or delivery.cancel):
@@ -242,8 +277,7 @@ async def answer_poll(request: PollRequest, waiter: wakeups.Waiter) -> tuple[int
                 break
             if getattr(waiter, "gone", False):
                 raise Gone
-            hub.taking(agent.pk)
-            delivery = await run_db(services.claim_commands, agent=agent)
+            delivery = await hub.claim(agent.pk)
     _observe_dispatch(delivery)
     if len(delivery.commands) >= services.CLAIM_LIMIT:
         hub.work.add(agent.pk)  # more may wait: the next poll asks at once

@@ -12,7 +12,8 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import F, Q, Window
+from django.db.models.functions import RowNumber
 from django.utils import timezone
 from rest_framework import exceptions
 
@@ -138,54 +139,80 @@ def claim_commands(*, agent: Agent, limit: int = CLAIM_LIMIT) -> Delivery:
     """Hand out queued commands (and delivered ones whose lease ran out) to the agent, and
     the cancels it has not been told of lately. A command with a cancel pending is never
     handed out again: the agent is told to cancel it instead."""
+    return claim_for_agents([agent.pk], limit=limit)[agent.pk]
+
+
+def claim_for_agents(agent_ids: list[int], *, limit: int = CLAIM_LIMIT) -> dict[int, Delivery]:
+    """`claim_commands` for many agents at once, in a fixed number of queries: the long-poll
+    hub claims for every poll woken together (a run's release wakes hundreds) in one trip."""
     now = timezone.now()
     due, cancel_due = _due(now), _cancel_due(now)
+    deliveries = {agent_id: Delivery(commands=[], cancel=[]) for agent_id in agent_ids}
     # Most polls find nothing: answer those with one read, without taking the write lock. The
     # same read says what there is: work (a row without a cancel), cancels to send, or both.
     found = set(
-        Command.objects.filter(due | cancel_due, agent=agent)
+        Command.objects.filter(due | cancel_due, agent_id__in=agent_ids)
         .order_by()
-        .values_list("cancel_requested", flat=True)
+        .values_list("agent_id", "cancel_requested")
         .distinct()
     )
     if not found:
-        return Delivery(commands=[], cancel=[])
-    commands: list[Command] = []
-    cancel: list[int] = []
+        return deliveries
+    with_work = sorted({agent_id for agent_id, cancel in found if not cancel})
+    with_cancel = sorted({agent_id for agent_id, cancel in found if cancel})
     with transaction.atomic():
-        if False in found:
-            commands = list(
-                Command.objects.filter(due, agent=agent).order_by("created_at", "id")[:limit]
-            )
-        if commands:
-            ids = [command.pk for command in commands]
-            lease_expires_at = now + timedelta(seconds=settings.COMMAND_LEASE)
-            # `due` again in the UPDATE: a row cancelled or finished since the read above is
-            # left alone (PostgreSQL re-checks the condition under the row lock).
-            taken = Command.objects.filter(due, id__in=ids).update(
-                status=S.DELIVERED,
-                delivered_at=now,
-                lease_expires_at=lease_expires_at,
-                delivery_count=F("delivery_count") + 1,
-            )
-            if taken == len(commands):
-                for command in commands:
-                    command.status, command.delivered_at = S.DELIVERED, now
-                    command.lease_expires_at = lease_expires_at
-                    command.delivery_count += 1
-            else:  # some changed since the read (another transaction): keep what this took
-                commands = list(
-                    Command.objects.filter(
-                        id__in=ids, status=S.DELIVERED, delivered_at=now
-                    ).order_by("created_at", "id")
-                )
-        if True in found:
+        if with_work:
+            _hand_out(deliveries, with_work, due, now, limit)
+        if with_cancel:
             cancel = list(
-                Command.objects.filter(cancel_due, agent=agent).values_list("id", flat=True)
+                Command.objects.filter(cancel_due, agent_id__in=with_cancel).values_list(
+                    "id", "agent_id"
+                )
             )
             if cancel:
-                Command.objects.filter(id__in=cancel).update(cancel_sent_at=now)
-    return Delivery(commands=commands, cancel=cancel)
+                Command.objects.filter(id__in=[pk for pk, _ in cancel]).update(cancel_sent_at=now)
+            for pk, agent_id in cancel:
+                deliveries[agent_id].cancel.append(pk)
+    return deliveries
+
+
+def _hand_out(
+    deliveries: dict[int, Delivery], agent_ids: list[int], due: Q, now: datetime, limit: int
+) -> None:
+    """The oldest `limit` due commands of each agent, marked delivered with a lease."""
+    rank = Window(RowNumber(), partition_by=F("agent_id"), order_by=[F("created_at"), F("id")])
+    commands = list(
+        Command.objects.filter(due, agent_id__in=agent_ids)
+        .annotate(rank=rank)
+        .filter(rank__lte=limit)
+        .order_by("agent_id", "created_at", "id")
+    )
+    if not commands:
+        return
+    ids = [command.pk for command in commands]
+    lease_expires_at = now + timedelta(seconds=settings.COMMAND_LEASE)
+    # `due` again in the UPDATE: a row cancelled or finished since the read above is left
+    # alone (PostgreSQL re-checks the condition under the row lock), so two processes never
+    # hand out one command.
+    taken = Command.objects.filter(due, id__in=ids).update(
+        status=S.DELIVERED,
+        delivered_at=now,
+        lease_expires_at=lease_expires_at,
+        delivery_count=F("delivery_count") + 1,
+    )
+    if taken == len(commands):
+        for command in commands:
+            command.status, command.delivered_at = S.DELIVERED, now
+            command.lease_expires_at = lease_expires_at
+            command.delivery_count += 1
+    else:  # some changed since the read (another transaction): keep what this took
+        commands = list(
+            Command.objects.filter(id__in=ids, status=S.DELIVERED, delivered_at=now).order_by(
+                "agent_id", "created_at", "id"
+            )
+        )
+    for command in commands:
+        deliveries[command.agent_id].commands.append(command)
 
 
 def as_delivered(command: Command) -> dict[str, Any]:
