@@ -11,7 +11,7 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F, Q, Window
 from django.db.models.functions import RowNumber
 from django.utils import timezone
@@ -252,8 +252,9 @@ def _agent_time(value: float | None) -> datetime | None:
 def _locked_command(*, agent: Agent, command_id: int, with_run: bool = False) -> Command:
     """The agent's command, row-locked. `with_run`: its run first (a result or a cancel may
     move the run on), so that every path locks a run before its commands and two of them
-    never wait on each other (cancel_run takes the run, then updates the commands)."""
-    if with_run:
+    never wait on each other (cancel_run takes the run, then updates the commands). SQLite
+    has no row locks (its writers take turns): nothing to order there, two queries saved."""
+    if with_run and connection.features.has_select_for_update:
         run_id = (
             Command.objects.filter(pk=command_id, agent=agent)
             .values_list("run_id", flat=True)
