@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 BIND ?= 127.0.0.1:8000
 
-.PHONY: run test lint bench
+.PHONY: run test lint bench bench-load
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,3 +33,9 @@ bench: $(STAMP)
 	$(BIN)/python bench/check_status.py
 	$(BIN)/python bench/fleet_page.py
 	$(BIN)/python bench/fanout.py
+
+# The fleet under load (bench/load.py): `make bench-load LOAD_ARGS=--quick` for a smoke run,
+# LOAD_ARGS="--agents 2000", "--database-url postgres://... --server-workers 2", ...
+LOAD_ARGS ?=
+bench-load: $(STAMP)
+	$(BIN)/python bench/load.py $(LOAD_ARGS)
