@@ -113,7 +113,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, help="seconds of API load, of idle (30)")
     parser.add_argument("--settle", type=float, help="s from all online to the idle window (25)")
     parser.add_argument("--signed-share", type=float, default=0.5, help="of the agents")
-    parser.add_argument("--database-url", help="a PostgreSQL to run on (migrated first)")
+    parser.add_argument(
+        "--database-url", help="an empty PostgreSQL database to run on (migrated first)"
+    )
     parser.add_argument("--server-workers", type=int, help="`tether serve --workers N`")
     parser.add_argument("--api-clients", type=int, default=50)
     parser.add_argument("--sim-processes", type=int, help=f"default: 1 per {AGENTS_PER_PROCESS}")
@@ -141,19 +143,29 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     args.phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     if unknown := set(args.phases) - set(PHASES):
         parser.error(f"unknown phases: {', '.join(sorted(unknown))}")
+    if not 0 <= args.signed_share <= 1:
+        parser.error("--signed-share is a fraction, 0 to 1")
     return args
 
 
 @contextlib.contextmanager
 def workspace(keep: bool) -> Iterator[Path]:
+    """The server's data dir and every log; kept when asked, or when the run failed."""
     tmp = Path(tempfile.mkdtemp(prefix="tether-load-"))
     try:
         yield tmp
+    except BaseException:
+        keep = True
+        raise
     finally:
         if keep:
             print(f"data and logs kept in {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_average() -> str:
+    return "load average {:.2f} {:.2f} {:.2f}".format(*os.getloadavg())
 
 
 def main() -> None:
@@ -175,7 +187,8 @@ def main() -> None:
         try:
             api = server.login(server.admin, ADMIN_PASSWORD)
             bench = Bench(server, db, api, tmp, args, table)
-            print(f"server {server.url}, {database}, {limit}; phases: {', '.join(args.phases)}")
+            print(f"server {server.url}, {database}, {limit}, {load_average()} at the start")
+            print(f"phases: {', '.join(args.phases)}")
             if "api" in args.phases:
                 api_phase(bench)
             if set(args.phases) & {"held", "dispatch", "fanout", "output"}:
@@ -194,11 +207,10 @@ def main() -> None:
             db.close()
             server.kill(signal.SIGTERM)
             command = " ".join(["tether serve", *serve_args])
-            load = "load average {:.2f} {:.2f} {:.2f} at the end".format(*os.getloadavg())
             table.print(
                 f"Load, {database}, `{command}`, production timers (25 s long-polls), "
                 f"{args.agents} simulated agents; {time.monotonic() - began:.0f} s in all, "
-                f"{load}"
+                f"{load_average()} at the end (2 cores)"
             )
 
 

@@ -314,7 +314,7 @@ def run_states(bench: Bench, run_id: int) -> dict[str, int]:
 def fanout_phase(bench: Bench, held: Held) -> None:
     targets = held.pick(bench.args.fanout)
     times = []
-    meter = CpuMeter(bench.server_processes())
+    meter, clients = CpuMeter(bench.server_processes()), CpuMeter(held.pids())
     for _ in range(bench.args.fanout_rounds):
         run_id, began = start_run(bench, "true", targets)
         over = bench.db.wait_finished("commands_run", run_id, timeout=600)
@@ -328,6 +328,7 @@ def fanout_phase(bench: Bench, held: Held) -> None:
     add("fanout", label, f"p50 {median:.2f} s, best {min(times):.2f} s", target)
     add("fanout", "results/s", f"{len(targets) / median:.0f}", "≥ 1,000")
     add("fanout", "server CPU meanwhile (% of one core)", meter.summary(bench.server_processes()))
+    add("fanout", "simulators' CPU meanwhile", f"{clients.percent():.0f} %")
 
 
 def output_phase(bench: Bench, held: Held) -> None:
@@ -337,10 +338,10 @@ def output_phase(bench: Bench, held: Held) -> None:
     size, chunk = args.output_bytes, args.output_chunk
     targets = held.pick(args.output_agents)
     before = held.stats()["output_bytes"]
-    meter = CpuMeter(bench.server_processes())
+    meter, clients = CpuMeter(bench.server_processes()), CpuMeter(held.pids())
     run_id, began = start_run(bench, f"{OUTPUT_COMMAND} {size} {chunk}", targets)
     over = bench.db.wait_finished("commands_run", run_id, timeout=1800)
-    cpu = meter.summary(bench.server_processes())
+    cpu, client_cpu = meter.summary(bench.server_processes()), clients.percent()
     sent = held.stats()["output_bytes"] - before
     states = run_states(bench, run_id)
     rows = bench.db.rows("SELECT id FROM commands_command WHERE run_id = ? ORDER BY id", run_id)
@@ -366,6 +367,7 @@ def output_phase(bench: Bench, held: Held) -> None:
     add("output", "output stored, MB/s", f"{stored / 1e6 / elapsed:.1f}", "≥ 20")
     add("output", "output sent in progress calls", f"{sent / 1e6:.1f} MB")
     add("output", "server CPU meanwhile (% of one core)", cpu)
+    add("output", "simulators' CPU meanwhile", f"{client_cpu:.0f} %")
     checked = ", ".join(f"{name}: {n}" for name, n in sorted(verdict.items()))
     add("output", "read back (length, bytes)", f"{checked}; {states}", "all intact")
     if verdict["intact"] != len(targets) or states != {"succeeded": len(targets)}:
