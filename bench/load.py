@@ -212,6 +212,8 @@ def main() -> None:
                 f"{args.agents} simulated agents; {time.monotonic() - began:.0f} s in all, "
                 f"{load_average()} at the end (2 cores)"
             )
+    if table.failures:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -185,13 +185,19 @@ class Held:
         return [child.proc.pid for child in self.children]
 
     def pick(self, count: int) -> list[int]:
-        """`count` agents spread over the fleet, the dialects taking turns."""
+        """`count` agents spread over the fleet, half of each dialect (as far as there are),
+        the dialects taking turns."""
         signed = [i for i, d in self.agents if d == SIGNED]
         legacy = [i for i, d in self.agents if d == LEGACY]
-        both = [i for pair in zip(signed, legacy, strict=False) for i in pair]
-        both += signed[len(legacy) :] + legacy[len(signed) :]
-        step = max(1, len(both) // max(count, 1))
-        return both[::step][:count]
+        legacy_count = min(len(legacy), max(count // 2, count - len(signed)))
+        signed_count = min(len(signed), count - legacy_count)
+
+        def spread(ids: list[int], n: int) -> list[int]:
+            return [ids[k * len(ids) // n] for k in range(n)]
+
+        chosen = spread(signed, signed_count), spread(legacy, legacy_count)
+        turns = [i for pair in zip(*chosen, strict=False) for i in pair]
+        return turns + chosen[0][legacy_count:] + chosen[1][signed_count:]
 
     def stop(self) -> None:
         for child in self.children:
@@ -337,12 +343,13 @@ def output_phase(bench: Bench, held: Held) -> None:
     args, add = bench.args, bench.table.add
     size, chunk = args.output_bytes, args.output_chunk
     targets = held.pick(args.output_agents)
-    before = held.stats()["output_bytes"]
+    before = held.stats()
     meter, clients = CpuMeter(bench.server_processes()), CpuMeter(held.pids())
     run_id, began = start_run(bench, f"{OUTPUT_COMMAND} {size} {chunk}", targets)
-    over = bench.db.wait_finished("commands_run", run_id, timeout=1800)
+    over = bench.db.wait_finished("commands_run", run_id, timeout=900)
     cpu, client_cpu = meter.summary(bench.server_processes()), clients.percent()
-    sent = held.stats()["output_bytes"] - before
+    after = held.stats()
+    sent, errors = (after[name] - before[name] for name in ("output_bytes", "errors"))
     states = run_states(bench, run_id)
     rows = bench.db.rows("SELECT id FROM commands_command WHERE run_id = ? ORDER BY id", run_id)
     verdict: Counter = Counter()
@@ -366,9 +373,10 @@ def output_phase(bench: Bench, held: Held) -> None:
     add("output", label, f"{stored / 1e6:.1f} MB stored in {elapsed:.2f} s")
     add("output", "output stored, MB/s", f"{stored / 1e6 / elapsed:.1f}", "≥ 20")
     add("output", "output sent in progress calls", f"{sent / 1e6:.1f} MB")
+    add("output", "agent-side errors", f"{errors} {after['last_errors'] if errors else ''}")
     add("output", "server CPU meanwhile (% of one core)", cpu)
     add("output", "simulators' CPU meanwhile", f"{client_cpu:.0f} %")
     checked = ", ".join(f"{name}: {n}" for name, n in sorted(verdict.items()))
     add("output", "read back (length, bytes)", f"{checked}; {states}", "all intact")
     if verdict["intact"] != len(targets) or states != {"succeeded": len(targets)}:
-        bench.table.notes.append("OUTPUT CHECK FAILED: see the output rows.")
+        bench.table.failures.append("output lost, doubled or changed: see the output rows")

@@ -169,7 +169,7 @@ class Table:
     docs/benchmarks.md records them in)."""
 
     rows: list[tuple[str, str, str, str]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # what the bench found broken
 
     def add(self, phase: str, measure: str, value: str, target: str = "") -> None:
         self.rows.append((phase, measure, value, target))
@@ -181,5 +181,5 @@ class Table:
         print("|---|---|---|---|")
         for row in self.rows:
             print("| " + " | ".join(row) + " |")
-        for note in self.notes:
-            print(f"\n{note}")
+        for failure in self.failures:
+            print(f"\nFAILED: {failure}")
