@@ -117,6 +117,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         "--database-url", help="an empty PostgreSQL database to run on (migrated first)"
     )
     parser.add_argument("--server-workers", type=int, help="`tether serve --workers N`")
+    parser.add_argument(
+        "--database-pid", type=int, help="a local PostgreSQL's postmaster: its CPU is shown too"
+    )
     parser.add_argument("--api-clients", type=int, default=50)
     parser.add_argument("--sim-processes", type=int, help=f"default: 1 per {AGENTS_PER_PROCESS}")
     parser.add_argument("--register-concurrency", type=int, default=64, help="in all")
@@ -210,7 +213,7 @@ def main() -> None:
             table.print(
                 f"Load, {database}, `{command}`, production timers (25 s long-polls), "
                 f"{args.agents} simulated agents; {time.monotonic() - began:.0f} s in all, "
-                f"{load_average()} at the end (2 cores)"
+                f"{load_average()} at the end (2 cores); CPU in % of one core"
             )
     if table.failures:
         sys.exit(1)

@@ -57,6 +57,35 @@ class Bench:
         return process_tree(self.server.proc.pid)
 
 
+class Watch:
+    """CPU over a phase: the server's processes, the bench's clients (its own process, or the
+    simulators), and a local PostgreSQL's processes when --database-pid names its postmaster
+    (the database works for the server too, but is no child of it)."""
+
+    def __init__(self, bench: Bench, clients: list[int]) -> None:
+        self.bench = bench
+        self.server = CpuMeter(bench.server_processes())
+        self.clients = CpuMeter(clients)
+        pid = bench.args.database_pid
+        self.database = CpuMeter(process_tree(pid)) if pid else None
+        self.figures: list[tuple[str, str]] = []
+
+    def stop(self) -> "Watch":
+        pids = self.bench.server_processes()
+        processes = f"{len(pids)} process{'es' if len(pids) > 1 else ''}"
+        self.figures = [(f"server CPU ({processes})", self.server.summary(pids))]
+        if self.database is not None:
+            database = process_tree(self.bench.args.database_pid)
+            self.figures.append(("PostgreSQL's CPU", self.database.summary(database)))
+        self.figures.append(("the bench's clients' CPU", f"{self.clients.percent():.1f} %"))
+        return self
+
+    def add_rows(self, phase: str, window: str = "meanwhile", target: str = "") -> None:
+        """The figures of `stop`, in % of one core; `target` goes with the server's."""
+        for n, (name, value) in enumerate(self.figures):
+            self.bench.table.add(phase, f"{name} {window}", value, "" if n else target)
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. API load
 # ---------------------------------------------------------------------------------------------
@@ -124,11 +153,10 @@ def api_phase(bench: Bench) -> None:
     extra = rpc_off()
     try:
         agents = [fleet.start_agent(extra=extra) for fleet in fleets]
-        meter, own = CpuMeter(bench.server_processes()), CpuMeter([os.getpid()])
-        began = time.monotonic()
+        watch, began = Watch(bench, [os.getpid()]), time.monotonic()
         samples = run_clients(bench, agents, began + bench.args.duration)
         elapsed = time.monotonic() - began
-        cpu, client_cpu = meter.summary(bench.server_processes()), own.percent()
+        watch.stop()
         drain_began = time.monotonic()
         marks = ",".join("?" * len(agents))
         unfinished = f"SELECT COUNT(*) FROM commands_command WHERE agent_id IN ({marks}) AND "
@@ -151,8 +179,7 @@ def api_phase(bench: Bench) -> None:
         add("api", f"{kind} ({len(values)})", ms(values))
     errors = ", ".join(f"{name}: {n}" for name, n in samples.errors.most_common()) or "none"
     add("api", "errors", f"{sum(samples.errors.values())} ({errors})", "0")
-    add("api", "server CPU meanwhile (% of one core)", cpu)
-    add("api", "the bench's own CPU meanwhile", f"{client_cpu:.0f} %")
+    watch.add_rows("api")
     state = f"{left} left after 120 s" if left else f"all done {drained:.1f} s after"
     add("api", "the agents' queue at the end", state)
 
@@ -212,7 +239,6 @@ def start_held(bench: Bench) -> Held:
     fleets = [Fleet(bench.server, bench.api, bench.tmp) for _ in range(processes)]
     held = Held([], [fleet.server_id for fleet in fleets])
     concurrency = max(8, args.register_concurrency // processes)
-    meter, began = CpuMeter(bench.server_processes()), time.monotonic()
     for n, fleet in enumerate(fleets):
         share = args.agents // processes + (n < args.agents % processes)
         child = SimulatorProcess(
@@ -225,9 +251,11 @@ def start_held(bench: Bench) -> Held:
             log=bench.tmp / f"sim{n}.log",
         )
         held.children.append(child)
+    watch, began = Watch(bench, held.pids()), time.monotonic()  # they start up first
     for child in held.children:
         held.agents += child.registered()
-    registered, cpu = time.monotonic() - began, meter.summary()
+    registered = time.monotonic() - began
+    watch.stop()
     for child in held.children:
         child.live()
     began = time.monotonic()
@@ -242,10 +270,11 @@ def start_held(bench: Bench) -> Held:
     polling = time.monotonic() - began
     signed = sum(1 for _, dialect in held.agents if dialect == SIGNED)
     label = f"{args.agents} ({signed} signed, {args.agents - signed} legacy)"
-    add("held", "simulated agents", f"{label}, {processes} client processes")
+    plural = "es" if processes > 1 else ""
+    add("held", "simulated agents", f"{label}, {processes} simulator process{plural}")
     rate = f"{args.agents / registered:.0f}/s"
     add("held", "registration, all of them", f"{registered:.1f} s ({rate})")
-    add("held", "server CPU meanwhile", cpu)
+    watch.add_rows("held")
     add("held", "then all polling (online)", f"{polling:.1f} s")
     return held
 
@@ -256,22 +285,23 @@ def idle_phase(bench: Bench, held: Held) -> None:
     # spread out: the window starts once most have come back once.
     time.sleep(args.settle)
     before = held.stats()
-    meter, clients = CpuMeter(bench.server_processes()), CpuMeter(held.pids())
+    watch = Watch(bench, held.pids())
     time.sleep(args.duration)  # the measured window: nothing is sent, the polls are held
-    pids = bench.server_processes()
-    cpu, client_cpu = meter.summary(pids), clients.percent()
+    watch.stop()
     after = held.stats()
-    processes = f"{len(pids)} process{'es' if len(pids) > 1 else ''}"
-    window = f"idle {args.duration:.0f} s"
-    add("held", f"server CPU, {processes}, {window}", cpu, "< 30 %")
+    watch.add_rows("held", f"idle {args.duration:.0f} s", "< 30 %")
+    pids = bench.server_processes()
     memory = f"{memory_mib(pids, 'Rss'):.0f} MiB (PSS {memory_mib(pids, 'Pss'):.0f} MiB)"
     add("held", "server RSS (sum)", memory, "< 2 GiB")
+    if args.database_pid:
+        database = process_tree(args.database_pid)
+        add("held", "PostgreSQL's RSS (sum)", f"{memory_mib(database, 'Rss'):.0f} MiB "
+            f"(PSS {memory_mib(database, 'Pss'):.0f} MiB)")  # fmt: skip
     threads, fds = threads_and_fds(pids)
     add("held", "server threads, file descriptors", f"{threads}, {fds}")
     polls = (after["polls"] - before["polls"]) / args.duration
     add("held", "polls/s answered", f"{polls:.0f} (one per agent per {LONG_POLL} s: "
         f"{args.agents / LONG_POLL:.0f})")  # fmt: skip
-    add("held", "simulators' CPU (sum)", f"{client_cpu:.1f} %")
     errors = after["errors"] - before["errors"]
     add("held", "agent-side errors in the window", f"{errors} {after['last_errors'] or ''}")
 
@@ -320,21 +350,21 @@ def run_states(bench: Bench, run_id: int) -> dict[str, int]:
 def fanout_phase(bench: Bench, held: Held) -> None:
     targets = held.pick(bench.args.fanout)
     times = []
-    meter, clients = CpuMeter(bench.server_processes()), CpuMeter(held.pids())
+    watch = Watch(bench, held.pids())
     for _ in range(bench.args.fanout_rounds):
         run_id, began = start_run(bench, "true", targets)
         over = bench.db.wait_finished("commands_run", run_id, timeout=600)
         states = run_states(bench, run_id)
         assert states == {"succeeded": len(targets)}, states
         times.append(over - began)
+    watch.stop()
     add = bench.table.add
     label = f"run to {len(targets)} agents, POST -> over ({len(times)}x)"
     median = percentile(times, 50)
     target = "≤ 2 s" if len(targets) == 1000 else "≤ 2 s for 1,000"
     add("fanout", label, f"p50 {median:.2f} s, best {min(times):.2f} s", target)
     add("fanout", "results/s", f"{len(targets) / median:.0f}", "≥ 1,000")
-    add("fanout", "server CPU meanwhile (% of one core)", meter.summary(bench.server_processes()))
-    add("fanout", "simulators' CPU meanwhile", f"{clients.percent():.0f} %")
+    watch.add_rows("fanout")
 
 
 def output_phase(bench: Bench, held: Held) -> None:
@@ -344,10 +374,10 @@ def output_phase(bench: Bench, held: Held) -> None:
     size, chunk = args.output_bytes, args.output_chunk
     targets = held.pick(args.output_agents)
     before = held.stats()
-    meter, clients = CpuMeter(bench.server_processes()), CpuMeter(held.pids())
+    watch = Watch(bench, held.pids())
     run_id, began = start_run(bench, f"{OUTPUT_COMMAND} {size} {chunk}", targets)
     over = bench.db.wait_finished("commands_run", run_id, timeout=900)
-    cpu, client_cpu = meter.summary(bench.server_processes()), clients.percent()
+    watch.stop()
     after = held.stats()
     sent, errors = (after[name] - before[name] for name in ("output_bytes", "errors"))
     states = run_states(bench, run_id)
@@ -374,8 +404,7 @@ def output_phase(bench: Bench, held: Held) -> None:
     add("output", "output stored, MB/s", f"{stored / 1e6 / elapsed:.1f}", "≥ 20")
     add("output", "output sent in progress calls", f"{sent / 1e6:.1f} MB")
     add("output", "agent-side errors", f"{errors} {after['last_errors'] if errors else ''}")
-    add("output", "server CPU meanwhile (% of one core)", cpu)
-    add("output", "simulators' CPU meanwhile", f"{client_cpu:.0f} %")
+    watch.add_rows("output")
     checked = ", ".join(f"{name}: {n}" for name, n in sorted(verdict.items()))
     add("output", "read back (length, bytes)", f"{checked}; {states}", "all intact")
     if verdict["intact"] != len(targets) or states != {"succeeded": len(targets)}:
