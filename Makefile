@@ -33,7 +33,6 @@ test-pg: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/dispatch.py
-	$(BIN)/python bench/held_polls.py
 	$(BIN)/python bench/check_status.py
 	$(BIN)/python bench/fleet_page.py
 	$(BIN)/python bench/fanout.py
@@ -42,3 +41,9 @@ bench: $(STAMP)
 # built by the script on its first run (bench/peers/.venvs/).
 bench-peers: $(STAMP)
 	$(BIN)/python bench/peers/run.py
+
+# The fleet under load (bench/load.py): `make bench-load LOAD_ARGS=--quick` for a smoke run,
+# LOAD_ARGS="--agents 2000", "--database-url postgres://... --server-workers 2", ...
+LOAD_ARGS ?=
+bench-load: $(STAMP)
+	$(BIN)/python bench/load.py $(LOAD_ARGS)

@@ -14,20 +14,16 @@ so the server carries no extra load while it works. Beside the total it prints w
 POST, the last target reached each phase: run row created, POST answered, handed to its agent
 (`delivered_at`), started by its agent (`started_at`, agent clock), result stored, run over.
 
-The simulated agents register signing (hmac-sha256, as agent/main.py does), hold one
-long-poll each (`GET /api/agents/poll_commands/?wait=25`) and, for a command, post one
-result at once, as agent/main.py does for a command that ends within its ACK_DELAY (50 ms,
-so `true`): no acknowledging progress call, the result alone, with sizes.
+The simulated agents (bench/sim.py) register signing (hmac-sha256, as agent/main.py does),
+hold one long-poll each (`GET /api/agents/poll_commands/?wait=25`) and, for a command, post
+one result at once, as agent/main.py does for a command that ends within its ACK_DELAY
+(50 ms, so `true`): no acknowledging progress call, the result alone, with sizes.
 
 Run from the repository root: `make bench` or `.venv/bin/python bench/fanout.py`.
 """
 
 import argparse
-import asyncio
 import contextlib
-import hashlib
-import hmac
-import json
 import os
 import resource
 import signal
@@ -41,12 +37,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.dispatch import PRODUCTION_TIMERS  # noqa: E402
+from bench.sim import SimulatorProcess  # noqa: E402
 from tests.conftest import (  # noqa: E402
     ADMIN_PASSWORD,
     AGENT,
@@ -57,151 +53,6 @@ from tests.conftest import (  # noqa: E402
     database_label,
     wait_for,
 )
-
-LONG_POLL = 25
-
-# ---------------------------------------------------------------------------------------------
-# The simulated agents (a child process each: `fanout.py --simulate ...`)
-# ---------------------------------------------------------------------------------------------
-
-
-class Connection:
-    """One keep-alive HTTP/1.1 connection: a request at a time, reconnecting when closed."""
-
-    def __init__(self, host: str, port: int) -> None:
-        self.host, self.port = host, port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def request(
-        self, method: str, path: str, headers: dict[str, str], body: bytes = b""
-    ) -> tuple[int, bytes]:
-        for attempt in (1, 2):
-            try:
-                return await self._exchange(method, path, headers, body)
-            except (ConnectionError, asyncio.IncompleteReadError, OSError):
-                self.close()
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
-
-    async def _exchange(
-        self, method: str, path: str, headers: dict[str, str], body: bytes
-    ) -> tuple[int, bytes]:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        assert self.reader is not None
-        lines = [f"{method} {path} HTTP/1.1", f"Host: {self.host}:{self.port}"]
-        lines += [f"{name}: {value}" for name, value in headers.items()]
-        lines.append(f"Content-Length: {len(body)}")
-        self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + body)
-        status_line = await self.reader.readline()
-        if not status_line:
-            raise ConnectionResetError("closed by the server")
-        answer: dict[str, str] = {}
-        while (line := await self.reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            answer[name.strip().lower()] = value.strip()
-        if answer.get("transfer-encoding") == "chunked":
-            payload = b""
-            while size := int((await self.reader.readline()).strip(), 16):
-                payload += await self.reader.readexactly(size)
-                await self.reader.readline()
-            await self.reader.readline()
-        else:
-            payload = await self.reader.readexactly(int(answer.get("content-length", 0)))
-        if answer.get("connection", "").lower() == "close":
-            self.close()
-        return int(status_line.split()[1]), payload
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = self.writer = None
-
-
-@dataclass
-class SimulatedAgent:
-    token: str
-    secret: str
-    connection: Connection
-    results: int = 0
-
-    def signed(self, method: str, path: str, body: bytes) -> dict[str, str]:
-        """The headers agent/main.py's Client.sign adds (request_signature)."""
-        timestamp = str(int(time.time()))
-        message = "\n".join([method, path, timestamp, hashlib.sha256(body).hexdigest()])
-        signature = hmac.new(self.secret.encode(), message.encode(), hashlib.sha256).hexdigest()
-        return {
-            "X-Agent-Token": self.token,
-            "X-Tether-Timestamp": timestamp,
-            "X-Tether-Signature": signature,
-            "Accept": "application/json",
-        }
-
-    async def call(self, method: str, path: str, payload: Any = None) -> tuple[int, Any]:
-        body = b"" if payload is None else json.dumps(payload, separators=(",", ":")).encode()
-        headers = self.signed(method, path, body)
-        if payload is not None:
-            headers["Content-Type"] = "application/json"
-        status, raw = await self.connection.request(method, path, headers, body)
-        return status, json.loads(raw or b"null")
-
-    async def live(self) -> None:
-        """Poll, run what comes (`true`: nothing to run), report it, poll again."""
-        path = f"/api/agents/poll_commands/?wait={LONG_POLL}"
-        while True:
-            status, answer = await self.call("GET", path)
-            if status != 200:
-                await asyncio.sleep(1)
-                continue
-            for spec in answer["commands"]:
-                now = time.time()
-                result = {
-                    "exit_code": 0,
-                    "started_at": now,
-                    "finished_at": now,
-                    "status": "succeeded",
-                    "success": True,
-                    "stdout_size": 0,
-                    "stderr_size": 0,
-                    "append": True,
-                }
-                status, _ = await self.call(
-                    "POST", f"/api/agents/command/{spec['id']}/result/", result
-                )
-                assert status == 200, status
-                self.results += 1
-
-
-async def simulate(url: str, server_token: str, count: int, prefix: str) -> None:
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    registering = asyncio.Semaphore(16)
-
-    async def register(n: int) -> SimulatedAgent:
-        async with registering:
-            connection = Connection(host, port)
-            body = {
-                "server_token": server_token,
-                "hostname": f"{prefix}-{n}",
-                "version": "sim",
-                "signing": "hmac-sha256",
-            }
-            status, raw = await connection.request(
-                "POST",
-                "/api/agents/register/",
-                {"Content-Type": "application/json"},
-                json.dumps(body).encode(),
-            )
-            answer = json.loads(raw)
-            assert status == 201, answer
-            return SimulatedAgent(answer["token"], answer["secret_key"], connection)
-
-    agents = await asyncio.gather(*(register(n) for n in range(count)))
-    print("registered", flush=True)
-    await asyncio.gather(*(agent.live() for agent in agents))
-
 
 # ---------------------------------------------------------------------------------------------
 # The bench
@@ -319,16 +170,18 @@ def start_real_agents(server: TetherServer, api: Api, tmp: Path, count: int) -> 
 
 def start_simulated(
     server: TetherServer, api: Api, tmp: Path, count: int, processes: int
-) -> tuple[int, list[subprocess.Popen]]:
+) -> tuple[int, list[SimulatorProcess]]:
     """`count` simulated agents on one managed server, split over `processes` processes."""
     fleet = Fleet(server, api, tmp)
     children = []
     for n in range(processes):
         share = count // processes + (n < count % processes)
-        argv = [sys.executable, __file__, "--simulate", str(share), "--server", server.url]
-        argv += ["--server-token", fleet.server_token, "--prefix", f"sim{n}"]
-        log = (tmp / f"sim{n}.log").open("ab")
-        children.append(subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT))
+        log = tmp / f"sim{n}.log"
+        children.append(SimulatorProcess(server.url, fleet.server_token, share, f"sim{n}", log=log))
+    for child in children:
+        child.registered()
+    for child in children:
+        child.live()
     wait_for(
         lambda: len(online(server, [fleet.server_id])) == count,
         timeout=120,
@@ -399,15 +252,7 @@ def main() -> None:
     parser.add_argument(
         "--profile", type=Path, help="record the server with py-spy into this directory"
     )
-    parser.add_argument("--simulate", type=int, help=argparse.SUPPRESS)  # a child's share
-    parser.add_argument("--server", help=argparse.SUPPRESS)
-    parser.add_argument("--server-token", help=argparse.SUPPRESS)
-    parser.add_argument("--prefix", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.simulate:
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-        asyncio.run(simulate(args.server, args.server_token, args.simulate, args.prefix))
-        return
 
     sizes = [int(n) for n in args.real.split(",") if n]
     # Each simulated agent holds a socket in its process and one in the server's.
@@ -418,7 +263,7 @@ def main() -> None:
     env.update(item.split("=", 1) for item in args.server_env)
     server = TetherServer(tmp / "data", env).setup().start()
     agents: list[AgentProcess] = []
-    children: list[subprocess.Popen] = []
+    children: list[SimulatorProcess] = []
     results: dict[str, list[Round]] = {}
     idle: dict[str, float] = {}
     try:
@@ -454,8 +299,7 @@ def main() -> None:
             if agent.proc and agent.proc.poll() is None:
                 agent.kill()
         for child in children:
-            child.terminate()
-            child.wait(timeout=10)
+            child.stop()
         server.kill()
 
     print(
