@@ -77,6 +77,9 @@ class Command(models.Model):
             models.Index(fields=["run", "status"], name="command_run_status"),
             # The poll hub's query: agents with work, without reading finished commands.
             models.Index(fields=["status", "agent"], name="command_status_agent"),
+            # An agent's history, newest first, read from the index instead of sorting all of
+            # the agent's commands (15 ms at 5,000 commands, for every history read).
+            models.Index(fields=["agent", "created_at", "id"], name="command_agent_latest"),
         ]
 
     def __str__(self) -> str:
