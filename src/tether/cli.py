@@ -10,6 +10,7 @@ import os
 import shutil
 import socket
 import sys
+import time
 from typing import Any
 
 log = logging.getLogger("tether.serve")
@@ -176,17 +177,31 @@ def _supervise(options: dict, count: int) -> int:
         return process
 
     processes = [start(index) for index in range(count)]
+    started = [time.monotonic()] * count
+    quick_deaths = 0
+    status = 0
     while not stopping:
         for index, process in enumerate(processes):
             process.join(timeout=0.2 / count)
-            if not process.is_alive() and not stopping:
-                # Its held polls are gone with it (this process imported the metrics before
-                # the directory was set, so it tells prometheus_client where to look).
-                multiprocess.mark_process_dead(process.pid, os.environ["PROMETHEUS_MULTIPROC_DIR"])
-                log.warning(
-                    "server process %d (pid %s) died; starting it again", index, process.pid
-                )
-                processes[index] = start(index)
+            if process.is_alive() or stopping:
+                continue
+            # Its held polls are gone with it (this process imported the metrics before
+            # the directory was set, so it tells prometheus_client where to look).
+            multiprocess.mark_process_dead(process.pid, os.environ["PROMETHEUS_MULTIPROC_DIR"])
+            lived = time.monotonic() - started[index]
+            quick_deaths = quick_deaths + 1 if lived < 5 else 0
+            if quick_deaths > 5:  # it cannot start (a bad certificate, say): stop, say so
+                log.error("server processes keep dying at start; stopping (see above)")
+                stopping, status = True, 1
+                break
+            log.warning(
+                "server process %d (pid %s) died after %.0f s; starting it again",
+                index,
+                process.pid,
+                lived,
+            )
+            time.sleep(min(5.0, 0.2 * 2**quick_deaths) if quick_deaths else 0)
+            processes[index], started[index] = start(index), time.monotonic()
     for process in processes:
         if process.is_alive():
             process.terminate()
@@ -196,7 +211,7 @@ def _supervise(options: dict, count: int) -> int:
             process.kill()
         process.join()
     shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
-    return 0
+    return status
 
 
 def _tls_files(host: str, cert: str | None, key: str | None) -> dict[str, str]:

@@ -171,7 +171,9 @@ class Listener(threading.Thread):
         backoff = 0.1
         while not self.stopping.is_set():
             try:
-                with psycopg.connect(**params, autocommit=True) as conn:
+                # Keepalives: a half-open connection is noticed in about a minute, not in
+                # the kernel's quarter of an hour of retransmits.
+                with psycopg.connect(**params, **KEEPALIVES, autocommit=True) as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
                     self.connected.set()
                     backoff = 0.1
@@ -189,6 +191,13 @@ class Listener(threading.Thread):
             backoff = min(backoff * 2, 5)
 
 
+KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,
+}
 _listener: Listener | None = None
 _listener_lock = threading.Lock()
 

@@ -17,7 +17,7 @@ from django.utils import timezone
 from tests.base import BaseTestCase
 from tether.commands import poll, services
 from tether.commands.models import Command
-from tether.fleet import heartbeats
+from tether.fleet import authentication, heartbeats
 from tether.fleet import services as fleet_services
 from tether.fleet.models import Agent
 
@@ -168,3 +168,22 @@ class HeartbeatBatchTestCase(BaseTestCase):
         self.assertEqual(rows.get(pk=agents[0].pk).status, Agent.Status.UPGRADING)
         self.assertEqual(rows.get(pk=agents[1].pk).status, Agent.Status.STOPPED)
         self.assertEqual(heartbeats.flush(), 0)
+
+
+class CredentialCacheTestCase(BaseTestCase):
+    def test_a_credential_read_before_a_forget_is_not_cached(self) -> None:
+        """A rotation committed between the cache's read and its store would otherwise leave
+        the old row cached, and the old token accepted, for the cache's whole lifetime."""
+        real_get = Agent.objects.get
+
+        def get_then_rotate(**lookup: Any) -> Agent:
+            agent = real_get(**lookup)
+            authentication.forget_agent(agent.pk)  # what the rotation's notification does
+            return agent
+
+        with mock.patch.object(Agent.objects, "get", side_effect=get_then_rotate):
+            authentication.credential_for(self.agent_token)
+
+        self.assertIsNone(authentication.cached_credential(self.agent_token))
+        authentication.credential_for(self.agent_token)
+        self.assertIsNotNone(authentication.cached_credential(self.agent_token))

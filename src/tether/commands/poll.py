@@ -92,13 +92,15 @@ class Hub:
         self.last_query = 0.0
         self.claims: list[tuple[int, asyncio.Future]] = []
         self.claiming = False
+        self.claimer: asyncio.Task | None = None
 
     def observe(self, key: str) -> None:
         """Every notification (any thread): an agent with new work, or a cancel."""
         if key.startswith("agent:"):
             agent_id = int(key.removeprefix("agent:"))
-            self.work.add(agent_id)
+            # `noted` first: a tick replacing `work` by `found | noted` in between keeps it.
             self.noted.add(agent_id)
+            self.work.add(agent_id)
 
     def resync(self) -> None:
         """Notifications may have been missed: ask the database until the next query."""
@@ -109,7 +111,8 @@ class Hub:
         return not self.ready or agent_id in self.work
 
     def taking(self, agent_id: int) -> None:
-        """A poll is about to claim for the agent: a notification from now on is new."""
+        """A poll is about to claim for the agent: a notification from now on is new. Safe
+        because a notification always follows its commit: the claim then sees the row."""
         self.work.discard(agent_id)
 
     async def claim(self, agent_id: int) -> services.Delivery:
@@ -121,7 +124,7 @@ class Hub:
         self.claims.append((agent_id, future))
         if not self.claiming:
             self.claiming = True
-            asyncio.get_running_loop().create_task(self._claim_batches())
+            self.claimer = asyncio.get_running_loop().create_task(self._claim_batches())
         return await future
 
     async def _claim_batches(self) -> None:
@@ -132,12 +135,14 @@ class Hub:
                 agent_ids = list(dict.fromkeys(agent_id for agent_id, _ in batch))
                 try:
                     deliveries = await run_db(services.claim_for_agents, agent_ids)
-                except Exception as exc:
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                for agent_id, future in batch:
+                except Exception:
+                    # A deadlock or a dropped connection: the polls stay held, and the hub's
+                    # next query finds the work again.
+                    log.exception("claim for %d polls failed", len(agent_ids))
+                    deliveries = {}
+                    self.work.update(agent_ids)
+                # An agent's newest poll gets its work: an older one may be a socket it left.
+                for agent_id, future in reversed(batch):
                     delivery = deliveries.pop(agent_id, None) or services.Delivery([], [])
                     if not future.done():
                         future.set_result(delivery)

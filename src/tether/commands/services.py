@@ -100,6 +100,9 @@ class Delivery:
 
 
 CANCEL_RESEND = timedelta(seconds=5)
+# Every status `_due` or `_cancel_due` can match, said outright: SQLite then reads the
+# (status, agent) index instead of scanning every command ever run.
+OPEN = sorted({S.QUEUED, *states.ACTIVE})
 # Commands one poll hands out at most.
 CLAIM_LIMIT = 20
 
@@ -128,7 +131,7 @@ def agents_with_work() -> set[int]:
     lease running out)."""
     now = timezone.now()
     return set(
-        Command.objects.filter(_due(now) | _cancel_due(now))
+        Command.objects.filter(_due(now) | _cancel_due(now), status__in=OPEN)
         .order_by()
         .values_list("agent_id", flat=True)
         .distinct()
@@ -151,7 +154,7 @@ def claim_for_agents(agent_ids: list[int], *, limit: int = CLAIM_LIMIT) -> dict[
     # Most polls find nothing: answer those with one read, without taking the write lock. The
     # same read says what there is: work (a row without a cancel), cancels to send, or both.
     found = set(
-        Command.objects.filter(due | cancel_due, agent_id__in=agent_ids)
+        Command.objects.filter(due | cancel_due, agent_id__in=agent_ids, status__in=OPEN)
         .order_by()
         .values_list("agent_id", "cancel_requested")
         .distinct()

@@ -71,7 +71,11 @@ class Credential:
 # one, and after CACHE_TTL at the latest (a writer that cannot notify: another process on
 # SQLite).
 _cache: dict[str, Credential] = {}
+_by_agent: dict[int, set[str]] = {}  # agent id -> its cached token hashes
 _cache_lock = threading.Lock()
+# Bumped by every forget: a credential read from the database before a forget is not cached
+# after it (the forget found nothing to drop, and the row it read may be the old one).
+_generation = 0
 CACHE_TTL = 300.0
 CACHE_MAX = 100_000
 
@@ -94,6 +98,7 @@ def credential_for(token: str) -> Credential:
         return credential
     if not token_hash:
         raise exceptions.AuthenticationFailed(REFUSAL)
+    generation = _generation
     try:
         agent = Agent.objects.get(token_hash=token_hash)
     except Agent.DoesNotExist as exc:
@@ -106,22 +111,31 @@ def credential_for(token: str) -> Credential:
             raise exceptions.AuthenticationFailed(REFUSAL) from exc
     credential = Credential(agent=agent, secret=secret)
     with _cache_lock:
+        if generation != _generation:
+            return credential  # the agent may have changed since the read: not cached
         if len(_cache) >= CACHE_MAX:
             _cache.clear()
+            _by_agent.clear()
         _cache[token_hash] = credential
+        _by_agent.setdefault(agent.pk, set()).add(token_hash)
     return credential
 
 
 def forget_agent(agent_id: int) -> None:
     """Drop every cached credential of the agent (its token was rotated, it was deleted)."""
+    global _generation
     with _cache_lock:
-        for token_hash in [h for h, c in _cache.items() if c.agent.pk == agent_id]:
-            del _cache[token_hash]
+        _generation += 1
+        for token_hash in _by_agent.pop(agent_id, ()):
+            _cache.pop(token_hash, None)
 
 
 def clear_cache() -> None:
+    global _generation
     with _cache_lock:
+        _generation += 1
         _cache.clear()
+        _by_agent.clear()
 
 
 def credentials_changed(agent_id: int) -> None:

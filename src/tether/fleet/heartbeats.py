@@ -13,6 +13,7 @@ revives it at once, through record_heartbeat.
 """
 
 import threading
+import time
 
 from django.conf import settings
 from django.db.models import Case, F, Value, When
@@ -26,6 +27,7 @@ REVIVED_IN_BATCH = REVIVED_BY_SIGN_OF_LIFE - {Agent.Status.STOPPED}
 
 _lock = threading.Lock()
 _noted: set[int] = set()
+_flushed_at = 0.0
 # Rows per UPDATE: well below SQLite's limit on bound parameters.
 CHUNK = 900
 
@@ -64,7 +66,9 @@ def sign_of_life(
 ) -> None:
     """An agent is alive (a heartbeat call, a status check answered): written now if it
     changes the row, else noted for the next flush."""
-    if needs_write(agent, version, rpc_port, address):
+    flusher_idle = time.monotonic() - _flushed_at > 4 * flush_interval() + 1
+    if flusher_idle or needs_write(agent, version, rpc_port, address):
+        # No tick has flushed lately (a process serving no long-poll): write it now.
         record_heartbeat(agent=agent, version=version, rpc_port=rpc_port, address=address)
     else:
         note(agent.pk)
@@ -77,7 +81,8 @@ def flush_interval() -> float:
 
 def flush() -> int:
     """Write every noted agent's heartbeat (on a database thread); returns how many."""
-    global _noted
+    global _noted, _flushed_at
+    _flushed_at = time.monotonic()
     with _lock:
         agent_ids, _noted = _noted, set()
     if not agent_ids:
@@ -85,13 +90,18 @@ def flush() -> int:
     now = timezone.now()
     ordered = sorted(agent_ids)
     for start in range(0, len(ordered), CHUNK):
-        Agent.objects.filter(pk__in=ordered[start : start + CHUNK]).update(
-            last_heartbeat=now,
-            status=Case(
-                When(status__in=REVIVED_IN_BATCH, then=Value(Agent.Status.ONLINE)),
-                default=F("status"),
-            ),
-        )
+        try:
+            Agent.objects.filter(pk__in=ordered[start : start + CHUNK]).update(
+                last_heartbeat=now,
+                status=Case(
+                    When(status__in=REVIVED_IN_BATCH, then=Value(Agent.Status.ONLINE)),
+                    default=F("status"),
+                ),
+            )
+        except Exception:
+            with _lock:  # not lost: the next flush writes them
+                _noted.update(ordered[start:])
+            raise
     return len(agent_ids)
 
 
