@@ -43,7 +43,7 @@ bench-peers: $(STAMP)
 	$(BIN)/python bench/peers/run.py
 
 # The fleet under load (bench/load.py): `make bench-load LOAD_ARGS=--quick` for a smoke run,
-# LOAD_ARGS="--agents 2000", "--database-url postgres://... --server-workers 2", ...
+# LOAD_ARGS="--agents 2000", "--postgres --server-workers 2" (a throwaway cluster), ...
 LOAD_ARGS ?=
 bench-load: $(STAMP)
 	$(BIN)/python bench/load.py $(LOAD_ARGS)

@@ -57,6 +57,7 @@ from bench.load_phases import (  # noqa: E402
 )
 from bench.measure import Database, Table  # noqa: E402
 from tests.conftest import ADMIN_PASSWORD, BIN, Api, TetherServer, spawn, wait_for  # noqa: E402
+from tests.pgcluster import PgCluster  # noqa: E402
 
 PHASES = ("api", "held", "dispatch", "fanout", "output")
 
@@ -116,6 +117,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--database-url", help="an empty PostgreSQL database to run on (migrated first)"
     )
+    parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="run on a throwaway PostgreSQL cluster of its own (tests/pgcluster.py)",
+    )
     parser.add_argument("--server-workers", type=int, help="`tether serve --workers N`")
     parser.add_argument(
         "--database-pid", type=int, help="a local PostgreSQL's postmaster: its CPU is shown too"
@@ -173,6 +179,17 @@ def load_average() -> str:
 
 def main() -> None:
     args = parse()
+    if args.postgres and not args.database_url:
+        with PgCluster() as cluster:
+            args.database_url = cluster.url
+            pid_file = cluster.data_dir / "postmaster.pid"
+            args.database_pid = args.database_pid or int(pid_file.read_text().split()[0])
+            run(args)
+        return
+    run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     limit = raise_nofile(args.agents)
     env = {**PRODUCTION_TIMERS, "TETHER_LOST_GRACE": "300", "TETHER_REGISTER_RATE": "10000/s"}
     serve_args: list[str] = []

@@ -32,9 +32,10 @@ import django  # noqa: E402
 
 django.setup(set_prefix=False)
 
-from asgiref.sync import ThreadSensitiveContext  # noqa: E402
+from asgiref.sync import ThreadSensitiveContext, iscoroutinefunction, sync_to_async  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.core.handlers.asgi import ASGIHandler  # noqa: E402
+from django.core.handlers.base import BaseHandler  # noqa: E402
 from django.http import HttpRequest, HttpResponse  # noqa: E402
 from django.urls import Resolver404, get_resolver, set_urlconf  # noqa: E402
 
@@ -127,12 +128,32 @@ class _Threads:
 _human_threads = _Threads(settings.HTTP_THREADS)
 
 
+@functools.lru_cache(maxsize=4096)
+def _serves_async(path: str) -> bool:
+    """Whether the path's view is async (the live streams): those keep Django's async chain,
+    so that a stream holds a coroutine, not a thread."""
+    set_urlconf(settings.ROOT_URLCONF)
+    try:
+        func = get_resolver().resolve(path).func
+    except Resolver404:
+        return False
+    view_class = getattr(func, "view_class", None)
+    if view_class is not None:
+        return bool(getattr(view_class, "view_is_async", False))
+    return asyncio.iscoroutinefunction(func) or iscoroutinefunction(func)
+
+
 class TetherASGIHandler(ASGIHandler):
     # Per request (each ASGI call runs in a task of its own, so a context of its own): the
     # agent endpoint it resolved to (None for the rest), and whether its body ran past the
     # limit.
     agent_match: contextvars.ContextVar[Any] = contextvars.ContextVar("agent_match", default=None)
     too_large: contextvars.ContextVar[bool] = contextvars.ContextVar("too_large", default=False)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sync_handler = BaseHandler()
+        self.sync_handler.load_middleware(is_async=False)
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         """Agent requests skip Django's per-request ThreadSensitiveContext: their database
@@ -197,7 +218,11 @@ class TetherASGIHandler(ASGIHandler):
             # Agent endpoints skip the middleware that counts the others (tether.monitoring).
             metrics.observe_request(match.route, request.method, response.status_code)
             return response
-        return await super().get_response_async(request)
+        if _serves_async(request.path_info):
+            return await super().get_response_async(request)
+        # A sync view: the whole middleware chain and the view in one trip to the request's
+        # thread. Django's async chain would hop to it and back for every middleware, twice.
+        return await sync_to_async(self.sync_handler.get_response, thread_sensitive=True)(request)
 
     async def _agent_response(self, request: HttpRequest, match: Any) -> HttpResponse:
         try:

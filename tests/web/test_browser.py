@@ -35,6 +35,8 @@ pytestmark = [
 
 sync_api = pytest.importorskip("playwright.sync_api", reason="needs playwright (the dev extra)")
 expect = sync_api.expect
+# Assertions wait as long as actions: the suite runs beside servers and agents on 2 cores.
+expect.set_options(timeout=TIMEOUT_MS)
 
 
 @pytest.fixture(scope="module")
