@@ -29,7 +29,6 @@ class AgentFilesTestCase(BaseTestCase):
 
         self.assertEqual(response.status_code, 200)
         self.assertEqual(b"".join(response.streaming_content), b"print('agent')\n")
-        response.close()
 
     def test_it_serves_requirements_when_present(self) -> None:
         (self.agent_dir / "requirements.txt").write_text("\n")
@@ -37,7 +36,6 @@ class AgentFilesTestCase(BaseTestCase):
         response = self.get("requirements.txt")
 
         self.assertEqual(response.status_code, 200)
-        response.close()
 
     def test_it_answers_404_for_a_listed_file_that_is_absent(self) -> None:
         self.assertError(self.get("requirements.txt"), 404, "not_found")
