@@ -33,6 +33,7 @@ test-pg: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/dispatch.py
+	$(BIN)/python bench/held_polls.py
 	$(BIN)/python bench/check_status.py
 	$(BIN)/python bench/fleet_page.py
 	$(BIN)/python bench/fanout.py
