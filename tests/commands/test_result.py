@@ -275,3 +275,20 @@ class ResultTestCase(BaseTestCase):
 
         self.assertError(response, 401)
         self.assertEqual(self.reload().status, "running")
+
+
+class ResultRangesTestCase(BaseTestCase):
+    def test_numbers_past_what_the_columns_hold_are_refused_and_change_nothing(self) -> None:
+        command = self.delivered()
+        for field, value in (
+            ("exit_code", 2**63),
+            ("return_code", -(2**40)),
+            ("stdout_size", 2**63),
+            ("offset_stdout", 2**63),
+        ):
+            with self.subTest(field=field):
+                self.assertError(self.result(command.pk, status="succeeded", **{field: value}), 400)
+                self.assertError(self.progress(command.pk, stdout="x", offset_stdout=2**63), 400)
+        command.refresh_from_db()
+        self.assertEqual(command.status, "delivered")
+        self.assertEqual(self.read(command.pk)["stdout"], "")

@@ -92,6 +92,11 @@ class RenderTestCase(SimpleTestCase):
                 line = render(*template("grep -- {q} f", {"name": "q"}), {"q": value})
                 self.assertEqual(shlex.split(line), ["grep", "--", value, "f"])
 
+    def test_it_refuses_a_nul_character(self) -> None:
+        """No quoting carries a NUL into an argv: the agent could not run the line."""
+        with self.assertRaisesMessage(TemplateError, "NUL"):
+            render(*template("grep -- {q} f", {"name": "q"}), {"q": "a\x00b"})
+
     def test_it_types_integers(self) -> None:
         command, spec = template("head -n {n} f", {"name": "n", "type": "integer"})
         self.assertEqual(render(command, spec, {"n": 5}), "head -n 5 f")

@@ -23,12 +23,21 @@ from tether.fleet.agent_views import (
 from . import poll, reports, services, states
 from .models import Command
 
+# What the columns hold: exit codes in a 32-bit integer (a signal's negative number included),
+# offsets and sizes in a 64-bit one. Past these an agent's report is a 400, never a 500.
+EXIT_MIN, EXIT_MAX = -(2**31), 2**31 - 1
+MAX_OFFSET = 2**62
+
 
 class ProgressInput(serializers.Serializer):
     stdout = RawText(required=False, allow_null=True)
     stderr = RawText(required=False, allow_null=True)
-    offset_stdout = serializers.IntegerField(min_value=0, required=False, allow_null=True)
-    offset_stderr = serializers.IntegerField(min_value=0, required=False, allow_null=True)
+    offset_stdout = serializers.IntegerField(
+        min_value=0, max_value=MAX_OFFSET, required=False, allow_null=True
+    )
+    offset_stderr = serializers.IntegerField(
+        min_value=0, max_value=MAX_OFFSET, required=False, allow_null=True
+    )
     encoding = serializers.ChoiceField(choices=["utf-8", "base64"], default="utf-8")
     started_at = serializers.FloatField(required=False, allow_null=True)
     append = serializers.BooleanField(default=True)
@@ -37,11 +46,15 @@ class ProgressInput(serializers.Serializer):
 class ResultInput(ProgressInput):
     status = serializers.ChoiceField(choices=sorted(states.AGENT_OUTCOMES), required=False)
     success = serializers.BooleanField(required=False)
-    exit_code = serializers.IntegerField(required=False, allow_null=True)
-    return_code = serializers.IntegerField(required=False, allow_null=True)
+    exit_code = serializers.IntegerField(
+        min_value=EXIT_MIN, max_value=EXIT_MAX, required=False, allow_null=True
+    )
+    return_code = serializers.IntegerField(
+        min_value=EXIT_MIN, max_value=EXIT_MAX, required=False, allow_null=True
+    )
     error = RawText(required=False, allow_null=True)
-    stdout_size = serializers.IntegerField(min_value=0, required=False)
-    stderr_size = serializers.IntegerField(min_value=0, required=False)
+    stdout_size = serializers.IntegerField(min_value=0, max_value=MAX_OFFSET, required=False)
+    stderr_size = serializers.IntegerField(min_value=0, max_value=MAX_OFFSET, required=False)
     finished_at = serializers.FloatField(required=False, allow_null=True)
     # The agent dropped output past max_output_bytes before sending it.
     truncated = serializers.BooleanField(default=False)

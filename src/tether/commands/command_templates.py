@@ -113,6 +113,8 @@ def _coerce(spec: dict[str, Any], value: Any) -> str:
     text = str(value)
     if len(text) > 4096:
         raise TemplateError(f"{name} is longer than 4096 characters")
+    if "\x00" in text:  # no quoting carries a NUL into an argv: the agent could not run it
+        raise TemplateError(f"{name} must not contain a NUL character")
     if kind == "choice" and text not in spec["choices"]:
         raise TemplateError(f"{name} must be one of {spec['choices']}")
     return text
