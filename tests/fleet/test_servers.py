@@ -91,16 +91,25 @@ class CreateServerTestCase(BaseTestCase):
         self.assertFalse(Server.objects.filter(name="alice-db").exists())
 
     def test_it_refuses_a_bad_host(self) -> None:
-        for host in ("-oProxyCommand=id", "a b", ""):
+        # Options to ssh, Ansible host patterns, a port, shell words: none is a host.
+        bad = ("-oProxyCommand=id", "a b", "", "web[01:03].example", "a,b", "*", "host:22")
+        for host in (*bad, "x;id", "a..b", "{{ x }}"):
             with self.subTest(host=host):
                 self.assertError(self.create(host=host), 400, "invalid")
         self.assertFalse(Server.objects.filter(name="alice-db").exists())
 
     def test_it_refuses_an_agent_dir_that_is_not_a_plain_absolute_path(self) -> None:
-        for agent_dir in ("opt/agent", "/opt/a b", "/opt/{{ lookup('pipe','id') }}", "/opt/../etc"):
+        bad = ("opt/agent", "/opt/a b", "/opt/{{ lookup('pipe','id') }}", "/opt/../etc")
+        for agent_dir in (*bad, "//", "/opt//agent", "/opt/./agent", "/opt/.."):
             with self.subTest(agent_dir=agent_dir):
                 self.assertError(self.create(agent_dir=agent_dir), 400, "invalid")
         self.assertFalse(Server.objects.filter(name="alice-db").exists())
+
+    def test_it_takes_host_names_and_addresses(self) -> None:
+        for host in ("web-1.example.org", "localhost", "10.0.0.7", "2001:db8::7", "db_1.lan"):
+            with self.subTest(host=host):
+                response = self.create(name=f"s-{host}", host=host)
+                self.assertEqual(response.status_code, 201, response.content)
 
     def test_it_refuses_a_bad_ssh_user(self) -> None:
         for user in ("-oProxyCommand=id", "root admin", "{{ x }}", ""):
