@@ -2,9 +2,11 @@
 asking, the event format, and the answer for a stream the caller may not open."""
 
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from django.conf import settings
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from rest_framework import exceptions
@@ -16,6 +18,26 @@ from tether.errors import json_error
 
 KEEPALIVE_SECONDS = 15
 KEEPALIVE = ": keepalive\n\n"
+
+
+class Pause:
+    """The wait between two reads of a stream, shared by every stream: until a wake-up or
+    POLL_RECHECK, then a keepalive comment if nothing was sent for KEEPALIVE_SECONDS, so that
+    proxies do not close a quiet stream."""
+
+    def __init__(self) -> None:
+        self.last_sent = time.monotonic()
+
+    def sent(self) -> None:
+        self.last_sent = time.monotonic()
+
+    async def wait(self, waiter: Any) -> str | None:
+        """Wait on `waiter` (a tether.wakeups.Waiter); the keepalive to send, if it is time."""
+        await waiter.wait(settings.POLL_RECHECK)
+        if time.monotonic() - self.last_sent > KEEPALIVE_SECONDS:
+            self.sent()
+            return KEEPALIVE
+        return None
 
 
 def authenticated_user(request: HttpRequest) -> Any:

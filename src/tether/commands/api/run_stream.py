@@ -2,19 +2,17 @@
 Server-Sent Events (docs/runs.md), then `end`."""
 
 import codecs
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.conf import settings
 from django.db.models import Q
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from tether import wakeups
 from tether.db import run_db
-from tether.sse import KEEPALIVE, KEEPALIVE_SECONDS, event, open_stream
+from tether.sse import Pause, event, open_stream
 
 from .. import runs, states
 from ..models import Command, OutputChunk, Run
@@ -72,7 +70,7 @@ async def run_events(run_id: int) -> AsyncIterator[str]:
     statuses: dict[int, str] = {}
     flushed: set[int] = set()
     last_counts: dict[str, int] | None = None
-    last_sent = time.monotonic()
+    pause = Pause()
     with wakeups.subscribe(runs.run_key(run_id)) as waiter:
         while True:
             snap = await run_db(_snapshot, run_id, seen)
@@ -103,7 +101,7 @@ async def run_events(run_id: int) -> AsyncIterator[str]:
                             "data": text,
                         },
                     )
-                    last_sent = time.monotonic()
+                    pause.sent()
             for command_id, *_, stdout_end, stderr_end in snap.targets:
                 old = seen.get(command_id, (0, 0, 0))
                 if (stdout_end, stderr_end) != old[:2]:
@@ -144,11 +142,11 @@ async def run_events(run_id: int) -> AsyncIterator[str]:
                             "exit_code": exit_code,
                         },
                     )
-                    last_sent = time.monotonic()
+                    pause.sent()
             if snap.counts != last_counts:
                 last_counts = snap.counts
                 yield event("counts", {"status": snap.run.status, "counts": snap.counts})
-                last_sent = time.monotonic()
+                pause.sent()
             if snap.run.status != Run.Status.RUNNING and all(
                 states.is_final(state) for state in statuses.values()
             ):
@@ -163,10 +161,8 @@ async def run_events(run_id: int) -> AsyncIterator[str]:
                     },
                 )
                 return
-            await waiter.wait(settings.POLL_RECHECK)
-            if time.monotonic() - last_sent > KEEPALIVE_SECONDS:
-                yield KEEPALIVE
-                last_sent = time.monotonic()
+            if keepalive := await pause.wait(waiter):
+                yield keepalive
 
 
 @csrf_exempt  # GET only (anything else is a JSON 405); nothing here reads a form

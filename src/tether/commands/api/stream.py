@@ -5,17 +5,15 @@ then `end` with the final command (status, exit code) and the stream closes.
 """
 
 import codecs
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from django.conf import settings
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from tether import wakeups
 from tether.db import run_db
-from tether.sse import KEEPALIVE, KEEPALIVE_SECONDS, event, open_stream
+from tether.sse import Pause, event, open_stream
 
 from .. import states
 from ..models import Command, OutputChunk
@@ -48,7 +46,7 @@ async def _events(command_id: int) -> AsyncIterator[str]:
     offsets = {"stdout": 0, "stderr": 0}
     decoders = {s: codecs.getincrementaldecoder("utf-8")("replace") for s in offsets}
     last_status = None
-    last_sent = time.monotonic()
+    pause = Pause()
     with wakeups.subscribe(wakeups.command_key(command_id)) as waiter:
         while True:
             snap = await run_db(_snapshot, command_id, offsets)
@@ -57,12 +55,12 @@ async def _events(command_id: int) -> AsyncIterator[str]:
                 text = decoders[stream].decode(data)
                 if text:
                     yield event("output", {"stream": stream, "offset": offset, "data": text})
-                    last_sent = time.monotonic()
+                    pause.sent()
             command = snap.command
             if command.status != last_status:
                 last_status = command.status
                 yield event("status", {"status": command.status})
-                last_sent = time.monotonic()
+                pause.sent()
             if states.is_final(command.status):
                 for stream, decoder in decoders.items():
                     tail = decoder.decode(b"", final=True)
@@ -79,10 +77,8 @@ async def _events(command_id: int) -> AsyncIterator[str]:
                     },
                 )
                 return
-            await waiter.wait(settings.POLL_RECHECK)
-            if time.monotonic() - last_sent > KEEPALIVE_SECONDS:
-                yield KEEPALIVE
-                last_sent = time.monotonic()
+            if keepalive := await pause.wait(waiter):
+                yield keepalive
 
 
 @csrf_exempt  # GET only (anything else is a JSON 405); nothing here reads a form
