@@ -20,7 +20,7 @@ from django.db.models import Case, F, Value, When
 from django.utils import timezone
 
 from .models import Agent
-from .services import REVIVED_BY_SIGN_OF_LIFE, record_heartbeat
+from .services import REVIVED_BY_SIGN_OF_LIFE, record_heartbeat, sign_of_life_changes
 
 # What a batched heartbeat revives (REVIVED_BY_SIGN_OF_LIFE less `stopped`; see above).
 REVIVED_IN_BATCH = REVIVED_BY_SIGN_OF_LIFE - {Agent.Status.STOPPED}
@@ -48,12 +48,8 @@ def needs_write(
     """Whether a sign of life changes the agent row beyond its heartbeat (a first one, a new
     version, port or address, a status it revives, as this process last saw the agent): that
     is written at once by record_heartbeat, with the apps above told. The rest is batched."""
-    return (
-        agent.status in REVIVED_BY_SIGN_OF_LIFE
-        or agent.last_heartbeat is None
-        or (bool(version) and version != agent.version)
-        or (rpc_port is not None and rpc_port != agent.rpc_port)
-        or (bool(address) and address != agent.address)
+    return agent.last_heartbeat is None or bool(
+        sign_of_life_changes(agent, version=version, rpc_port=rpc_port, address=address)
     )
 
 

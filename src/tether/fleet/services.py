@@ -219,6 +219,23 @@ REVIVED_BY_SIGN_OF_LIFE = frozenset(
 )
 
 
+def sign_of_life_changes(
+    agent: Agent, *, version: str | None, rpc_port: int | None, address: str | None
+) -> dict[str, Any]:
+    """What a sign of life changes in the agent's row besides its heartbeat, as `agent` shows
+    the row: the status it revives, a new version, RPC port or address."""
+    fields: dict[str, Any] = {}
+    if agent.status in REVIVED_BY_SIGN_OF_LIFE:
+        fields["status"] = Agent.Status.ONLINE
+    if version and version != agent.version:
+        fields["version"] = version
+    if rpc_port is not None and rpc_port != agent.rpc_port:
+        fields["rpc_port"] = rpc_port
+    if address and address != agent.address:
+        fields["address"] = address
+    return fields
+
+
 def record_heartbeat(
     *,
     agent: Agent,
@@ -230,16 +247,7 @@ def record_heartbeat(
     nothing changes and the last heartbeat is fresher than HEARTBEAT_FRESHNESS (a busy agent
     polls many times a second). A new version or RPC port is told to the apps above."""
     now = timezone.now()
-    fields: dict[str, Any] = {}
-    if agent.status in REVIVED_BY_SIGN_OF_LIFE:
-        fields["status"] = Agent.Status.ONLINE
-    new_version = bool(version) and version != agent.version
-    if new_version:
-        fields["version"] = version
-    if rpc_port is not None and rpc_port != agent.rpc_port:
-        fields["rpc_port"] = rpc_port
-    if address and address != agent.address:
-        fields["address"] = address
+    fields = sign_of_life_changes(agent, version=version, rpc_port=rpc_port, address=address)
     stale = agent.last_heartbeat is None or (
         (now - agent.last_heartbeat).total_seconds() >= HEARTBEAT_FRESHNESS
     )
