@@ -215,6 +215,44 @@ def load_credentials(state_dir):
     return None
 
 
+def machine_identity(state_dir, machine_id_file="/etc/machine-id"):
+    """(machine_id, instance_id) sent at registration. The machine id is derived from
+    /etc/machine-id (never sent as is: machine-id(5) asks that it stay private) and the state
+    dir, so two agents on one host are two identities and a cloned host is the same one; the
+    instance id is this state dir's own, so the server tells a restart from a clone."""
+    instance = _state_id(state_dir, "instance-id")
+    try:
+        with open(machine_id_file, "rb") as f:
+            machine = f.read().strip().decode("ascii")
+    except (OSError, UnicodeDecodeError):
+        machine = ""
+    if not re.fullmatch(r"[0-9a-f]{32}", machine):
+        machine = _state_id(state_dir, "machine-id")
+    where = os.path.realpath(state_dir) if state_dir else ""
+    digest = hashlib.sha256(("tether-agent\0%s\0%s" % (machine, where)).encode("utf-8"))
+    return digest.hexdigest()[:32], instance
+
+
+def _state_id(state_dir, name):
+    """A random id kept in the state dir (made on first use)."""
+    path = os.path.join(state_dir, name) if state_dir else None
+    if path:
+        try:
+            with open(path, "rb") as f:
+                value = f.read().strip().decode("ascii")
+            if re.fullmatch(r"[0-9a-f]{32}", value):
+                return value
+        except (OSError, UnicodeDecodeError):
+            pass
+    value = os.urandom(16).hex()
+    if path:
+        try:
+            write_file_atomic(path, value.encode("ascii") + b"\n", durable=True)
+        except OSError as exc:
+            log("warn", "cannot keep an id in the state dir", name=name, error=exc)
+    return value
+
+
 def save_credentials(state_dir, creds):
     payload = json.dumps(creds, indent=2, sort_keys=True).encode("utf-8")
     write_file_atomic(os.path.join(state_dir, "credentials.json"), payload, durable=True)
@@ -391,10 +429,17 @@ class TlsError(TransientError):
     before the request), and only an operator (or the server's config) can fix it."""
 
 
-def request_signature(secret_key, method, path, timestamp, body):
-    """HMAC-SHA256 over method, path (with its query), timestamp and the body's hash: what the
-    agent's calls carry and what the server's RPC calls to the agent must carry."""
-    message = "\n".join([method, path, timestamp, hashlib.sha256(body).hexdigest()])
+NONCE = re.compile(r"[A-Za-z0-9_-]{16,64}")
+
+
+def request_signature(secret_key, method, path, timestamp, body, nonce=""):
+    """HMAC-SHA256 over method, path (with its query), timestamp, nonce and the body's hash:
+    what the agent's calls carry (with a fresh nonce each, so a replay is refused) and what
+    the server's RPC calls to the agent must carry (without)."""
+    parts = [method, path, timestamp, hashlib.sha256(body).hexdigest()]
+    if nonce:
+        parts.insert(3, nonce)
+    message = "\n".join(parts)
     key = secret_key.encode("ascii")
     return hmac.new(key, message.encode("utf-8"), hashlib.sha256).hexdigest()
 
@@ -474,10 +519,12 @@ class Client:
     def sign(self, method, path, body):
         creds = self.credentials
         timestamp = str(int(time.time() + self.clock_offset))
-        signature = request_signature(creds["secret_key"], method, path, timestamp, body)
+        nonce = os.urandom(16).hex()
+        signature = request_signature(creds["secret_key"], method, path, timestamp, body, nonce)
         return {
             "X-Agent-Token": creds["token"],
             "X-Tether-Timestamp": timestamp,
+            "X-Tether-Nonce": nonce,
             "X-Tether-Signature": signature,
         }
 
@@ -554,6 +601,7 @@ def register(agent):
         "rpc_port": agent.rpc_port(),
         "signing": "hmac-sha256",
     }
+    body["machine_id"], body["instance_id"] = machine_identity(agent.args.state_dir)
     backoff, refused_backoff = Backoff(), Backoff(cap=REGISTER_BACKOFF_CAP)
     while not agent.stopping.is_set():
         try:
@@ -2064,7 +2112,10 @@ class RpcServer:
         now = time.time() + self.agent.client.clock_offset
         if abs(now - int(timestamp)) > RPC_WINDOW:
             return "timestamp outside the window"
-        expected = request_signature(creds["secret_key"], method, path, timestamp, body)
+        nonce = headers.get("X-Tether-Nonce") or ""
+        if nonce and not NONCE.fullmatch(nonce):
+            return "malformed nonce"
+        expected = request_signature(creds["secret_key"], method, path, timestamp, body, nonce)
         given = signature.encode("latin-1", "replace")
         if not hmac.compare_digest(expected.encode("ascii"), given):
             return "signature does not match"

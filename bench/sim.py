@@ -32,6 +32,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import os
 import random
 import subprocess
 import sys
@@ -159,10 +160,12 @@ class SimulatedAgent:
         """The older dialect's bearer token; Tether's adds agent/main.py's request_signature."""
         headers = {"X-Agent-Token": self.token, "Accept": "application/json"}
         if self.secret is not None:
-            timestamp = str(int(time.time()))
-            message = "\n".join([method, path, timestamp, hashlib.sha256(body).hexdigest()])
+            timestamp, nonce = str(int(time.time())), os.urandom(16).hex()
+            digest = hashlib.sha256(body).hexdigest()
+            message = "\n".join([method, path, timestamp, nonce, digest])
             key = self.secret.encode("ascii")
             headers["X-Tether-Timestamp"] = timestamp
+            headers["X-Tether-Nonce"] = nonce
             headers["X-Tether-Signature"] = hmac.new(
                 key, message.encode(), hashlib.sha256
             ).hexdigest()
@@ -281,6 +284,9 @@ async def register(
     body: dict[str, Any] = {"server_token": server_token, "hostname": hostname, "os": "linux"}
     if signed:
         body.update(version="sim", arch="x86_64", signing="hmac-sha256")
+        # One machine per simulated agent, as a real fleet has (agent/main.py machine_identity).
+        body.update(machine_id=hashlib.sha256(hostname.encode()).hexdigest()[:32])
+        body.update(instance_id=body["machine_id"])
     else:
         body["version"] = "legacy-sim"
     payload = json.dumps(body).encode()

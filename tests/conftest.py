@@ -150,10 +150,11 @@ def _fresh_agent_caches() -> Iterator[None]:
     """Each test rolls the database back; what the process remembers of agents (their
     credentials, which have work) must not outlive it."""
     from tether.commands.poll import hub
-    from tether.fleet import heartbeats
+    from tether.fleet import heartbeats, nonces
     from tether.fleet.authentication import clear_cache
 
     clear_cache()
+    nonces.forget_all()
     hub.resync()
     hub.work.clear()
     heartbeats.discard()

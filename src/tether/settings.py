@@ -195,7 +195,11 @@ HTTP_THREADS = env_int("TETHER_HTTP_THREADS", 4)
 # How often one query looks for work no notification announced (a lease that ran out, a
 # cancel to send again, a writer that could not notify), for all held long-polls at once.
 POLL_RECHECK = env_float("TETHER_POLL_RECHECK", 2)
+# A signed request is accepted up to SIGNATURE_WINDOW seconds after its timestamp and
+# SIGNATURE_FUTURE before it (clock skew; an agent whose clock is further off is refused and
+# signs with the server's time from then on); its nonce is remembered for the window.
 SIGNATURE_WINDOW = env_int("TETHER_SIGNATURE_WINDOW", 300)
+SIGNATURE_FUTURE = env_int("TETHER_SIGNATURE_FUTURE", 30)
 ACCEPT_LEGACY_AGENTS = env_bool("TETHER_ACCEPT_LEGACY_AGENTS", True)
 REGISTER_RATE = os.environ.get("TETHER_REGISTER_RATE", "60/min")
 

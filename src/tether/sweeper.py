@@ -16,6 +16,7 @@ def sweep_once() -> tuple[int, int]:
     from tether.commands.services import mark_lost_commands
     from tether.deploy.rollouts import advance_open_rollouts
     from tether.deploy.services import expire_deployments
+    from tether.fleet import nonces
     from tether.fleet.services import mark_offline_agents
     from tether.pki.services import renew_expiring
 
@@ -30,6 +31,7 @@ def sweep_once() -> tuple[int, int]:
     renewed = renew_expiring()
     if renewed:
         log.info("sweep: %d agent certificate(s) renewed", renewed)
+    nonces.prune()
     return offline, lost
 
 

@@ -35,13 +35,18 @@ class SignedAgentTestCase(BaseTestCase):
         *,
         timestamp: int | None = None,
         secret: str | None = None,
+        nonce: str = "",
     ) -> dict[str, str]:
         ts = str(int(time.time()) if timestamp is None else timestamp)
-        return {
+        signature = credentials.sign(secret or self.secret, method, path, ts, body, nonce)
+        headers = {
             "X-Agent-Token": self.token,
             "X-Tether-Timestamp": ts,
-            "X-Tether-Signature": credentials.sign(secret or self.secret, method, path, ts, body),
+            "X-Tether-Signature": signature,
         }
+        if nonce:
+            headers["X-Tether-Nonce"] = nonce
+        return headers
 
     def post(self, path: str, body: bytes, headers: dict[str, str]):
         return APIClient().post(path, body, content_type="application/json", headers=headers)
@@ -118,6 +123,11 @@ class SigningTestCase(SignedAgentTestCase):
 
     def test_it_refuses_a_timestamp_from_the_future(self) -> None:
         self.assertRefused(self.heartbeat(timestamp=int(time.time()) + 301))
+
+    def test_it_refuses_a_timestamp_a_minute_ahead(self) -> None:
+        # The window refuses the future too: only clock skew lives there (30 s by default).
+        self.assertRefused(self.heartbeat(timestamp=int(time.time()) + 60))
+        self.assertEqual(self.heartbeat(timestamp=int(time.time()) + 20).status_code, 200)
 
     def test_it_refuses_a_timestamp_that_is_not_a_number(self) -> None:
         headers = self.headers("POST", HEARTBEAT, b"{}")

@@ -33,14 +33,16 @@ from rest_framework.throttling import BaseThrottle
 from tether import metrics, wakeups
 from tether.db import run_db
 from tether.errors import PayloadTooLarge, error_body, exception_handler
-from tether.fleet import heartbeats
+from tether.fleet import heartbeats, nonces
 from tether.fleet import services as fleet_services
 from tether.fleet.agent_views import address_of
 from tether.fleet.authentication import (
+    REFUSAL,
     Credential,
     cached_credential,
     check_credentials,
     credential_for,
+    require_nonces,
 )
 from tether.fleet.models import Agent
 
@@ -224,14 +226,21 @@ def _open(
 async def _credential(request: PollRequest) -> Credential:
     token = request.headers.get("x-agent-token", "")
     credential = cached_credential(token) or await run_db(credential_for, token)
-    check_credentials(
+    timestamp = request.headers.get("x-tether-timestamp", "")
+    nonce = check_credentials(
         credential,
         method=request.method,
         path=request.path,
-        timestamp=request.headers.get("x-tether-timestamp", ""),
+        timestamp=timestamp,
         signature=request.headers.get("x-tether-signature", ""),
         body=request.body,
+        nonce=request.headers.get("x-tether-nonce", ""),
     )
+    if nonce:
+        if not await nonces.remember_async(credential.agent.pk, nonce, timestamp):
+            raise exceptions.AuthenticationFailed(REFUSAL)
+        if not credential.agent.sends_nonces:
+            await run_db(require_nonces, credential)
     return credential
 
 

@@ -407,9 +407,10 @@ def _mark_lost(commands: Any, reason: str) -> int:
 
 
 def mark_commands_lost_on_reregister(*, agent: Agent, replaced: bool = True) -> int:
-    """An agent that registers again has lost its state: what it was running will not be
-    reported under its old identity. A report that comes later still wins. (Connected to
-    fleet's agent_registered; a first registration has nothing to lose.)"""
+    """An install that takes an agent's identity over (its state dir was lost, or it replaced
+    a dead one) will not report what the old one was running. A report that comes later
+    still wins. (Connected to fleet's agent_registered; a first registration, and the same
+    install registering again with its journal intact, have nothing to lose.)"""
     if not replaced:
         return 0
     active = Command.objects.filter(agent=agent, status__in=states.ACTIVE)

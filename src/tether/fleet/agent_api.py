@@ -21,6 +21,8 @@ from . import credentials, heartbeats, services
 from .agent_files import AGENT_FILES, agent_version
 from .agent_views import AgentAPIView, agent_endpoint, check_body_size, peer_address
 
+IDENTITY = r"^[A-Za-z0-9_-]{16,64}\Z"
+
 
 class RegisterInput(serializers.Serializer):
     server_token = serializers.CharField(max_length=200)
@@ -32,6 +34,9 @@ class RegisterInput(serializers.Serializer):
         min_value=0, max_value=65535, required=False, allow_null=True
     )
     signing = serializers.ChoiceField(choices=["hmac-sha256"], required=False)
+    # Tether's agent (agent/main.py machine_identity); the original dialect sends neither.
+    machine_id = serializers.RegexField(IDENTITY, required=False, allow_blank=True, default="")
+    instance_id = serializers.RegexField(IDENTITY, required=False, allow_blank=True, default="")
 
 
 class RegisterView(APIView):

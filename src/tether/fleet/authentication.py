@@ -2,6 +2,7 @@
 
 import copy
 import hmac
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ from rest_framework.authentication import BaseAuthentication
 
 from tether import wakeups
 
-from . import credentials
+from . import credentials, nonces
 from .models import Agent
 
 REFUSAL = "Invalid or missing agent credentials."
@@ -39,16 +40,30 @@ def authenticate_agent(request: HttpRequest) -> Agent:
     """Return the calling agent or raise AuthenticationFailed: the check every agent view
     shares (the long-poll's thin route calls `check_credentials` with the same parts)."""
     credential = credential_for(request.headers.get("X-Agent-Token", ""))
-    check_credentials(
+    timestamp = request.headers.get("X-Tether-Timestamp", "")
+    nonce = check_credentials(
         credential,
         method=request.method or "GET",
         path=request.get_full_path(),
-        timestamp=request.headers.get("X-Tether-Timestamp", ""),
+        timestamp=timestamp,
         signature=request.headers.get("X-Tether-Signature", ""),
         body=request.body,
+        nonce=request.headers.get("X-Tether-Nonce", ""),
     )
+    if nonce:
+        if not nonces.remember(credential.agent.pk, nonce, timestamp):
+            raise exceptions.AuthenticationFailed(REFUSAL)
+        if not credential.agent.sends_nonces:
+            require_nonces(credential)
     # A copy: a view may change its agent; the cached one stays as the database has it.
     return copy.copy(credential.agent)
+
+
+def require_nonces(credential: "Credential") -> None:
+    """The agent signed with a nonce: from now on it must (DESIGN §6). Once per agent."""
+    credential.agent.sends_nonces = True
+    Agent.objects.filter(pk=credential.agent.pk).update(sends_nonces=True)
+    credentials_changed(credential.agent.pk)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,7 +161,9 @@ def credentials_changed(agent_id: int) -> None:
 
 
 # What a cached credential holds: a save touching any of these makes every process forget it.
-CACHED_FIELDS = frozenset({"token_hash", "secret_key_encrypted", "signs_requests", "verify_ssl"})
+CACHED_FIELDS = frozenset(
+    {"token_hash", "secret_key_encrypted", "signs_requests", "sends_nonces", "verify_ssl"}
+)
 
 
 def agent_saved(sender: Any, instance: Agent, update_fields: Any = None, **kwargs: Any) -> None:
@@ -168,23 +185,44 @@ def _token_hash(token: str) -> str:
     return credentials.hash_token(canonical) if canonical is not None else ""
 
 
+# A nonce as agents send it: 16 to 64 characters a header and a log line carry safely.
+NONCE = re.compile(r"[A-Za-z0-9_-]{16,64}")
+
+
 def check_credentials(
-    credential: Credential, *, method: str, path: str, timestamp: str, signature: str, body: bytes
-) -> None:
+    credential: Credential,
+    *,
+    method: str,
+    path: str,
+    timestamp: str,
+    signature: str,
+    body: bytes,
+    nonce: str = "",
+) -> str:
     """Refuse what the agent may not send: an unsigned or badly signed request from an agent
-    that registered as signing, any request from a legacy agent once they are refused."""
+    that registered as signing, a timestamp outside the window (past or future), a missing
+    nonce from an agent that sends them, any request from a legacy agent once they are
+    refused. Returns the nonce the caller must remember before acting ("" when none): a
+    replay is refused there, by `nonces`."""
     if credential.secret is None:
         if credential.agent.signs_requests or not settings.ACCEPT_LEGACY_AGENTS:
             raise exceptions.AuthenticationFailed(REFUSAL)
-        return
+        return ""
     # ASCII digits only ("²" is a digit to str.isdigit, not to int), and a sane length.
     if not (timestamp.isascii() and timestamp.isdigit() and len(timestamp) <= 12):
         raise exceptions.AuthenticationFailed(REFUSAL)
-    if abs(time.time() - int(timestamp)) > settings.SIGNATURE_WINDOW:
+    age = time.time() - int(timestamp)
+    if age > settings.SIGNATURE_WINDOW or -age > settings.SIGNATURE_FUTURE:
         raise exceptions.AuthenticationFailed(REFUSAL)
-    expected = credentials.sign(credential.secret, method, path, timestamp, body)
+    if nonce:
+        if not NONCE.fullmatch(nonce):
+            raise exceptions.AuthenticationFailed(REFUSAL)
+    elif credential.agent.sends_nonces:
+        raise exceptions.AuthenticationFailed(REFUSAL)
+    expected = credentials.sign(credential.secret, method, path, timestamp, body, nonce)
     if not hmac.compare_digest(expected, signature):
         raise exceptions.AuthenticationFailed(REFUSAL)
+    return nonce
 
 
 class IsAgent:

@@ -72,9 +72,16 @@ def decrypt(value: str) -> str:
         raise ValueError("cannot decrypt: SECRET_KEY changed?") from exc
 
 
-def sign(secret_key: str, method: str, path: str, timestamp: str, body: bytes) -> str:
-    """The request signature of docs/agent-protocol.md; the agent computes the same."""
-    message = "\n".join([method.upper(), path, timestamp, hashlib.sha256(body).hexdigest()])
+def sign(
+    secret_key: str, method: str, path: str, timestamp: str, body: bytes, nonce: str = ""
+) -> str:
+    """The request signature of docs/agent-protocol.md; the agent computes the same. With a
+    nonce (the agent's X-Tether-Nonce) it is signed too, so a replay cannot swap in a fresh
+    one; without, the message is the one agents signed before nonces."""
+    parts = [method.upper(), path, timestamp, hashlib.sha256(body).hexdigest()]
+    if nonce:
+        parts.insert(3, nonce)
+    message = "\n".join(parts)
     return hmac.new(secret_key.encode("ascii"), message.encode(), hashlib.sha256).hexdigest()
 
 

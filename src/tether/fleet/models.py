@@ -49,6 +49,11 @@ class Agent(models.Model):
 
     server = models.ForeignKey(Server, on_delete=models.CASCADE, related_name="agents")
     hostname = models.CharField(max_length=255)
+    # Who the agent is (DESIGN §6): Tether's agent sends a machine identity (derived from
+    # /etc/machine-id and its state dir) and the id of its install (its state dir's own);
+    # agents of the original dialect send neither and are known by their hostname.
+    machine_id = models.CharField(max_length=64, blank=True, default="")
+    instance_id = models.CharField(max_length=64, blank=True, default="")
     version = models.CharField(max_length=64, blank=True, default="")
     os = models.CharField(max_length=64, blank=True, default="")
     arch = models.CharField(max_length=64, blank=True, default="")
@@ -66,13 +71,26 @@ class Agent(models.Model):
     secret_key_encrypted = models.TextField()
     # Fixed at registration: an agent that declared signing must sign every request.
     signs_requests = models.BooleanField(default=False)
+    # Set by its first request with a nonce: from then on a request without one is refused
+    # (an agent upgraded in place keeps its credentials, so this cannot wait for a
+    # registration).
+    sends_nonces = models.BooleanField(default=False)
     registered_at = models.DateTimeField()
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
         ordering = ["hostname", "id"]
         constraints = [
-            models.UniqueConstraint(fields=["server", "hostname"], name="agent_unique_per_host")
+            models.UniqueConstraint(
+                fields=["server", "machine_id"],
+                condition=~models.Q(machine_id=""),
+                name="agent_unique_per_machine",
+            ),
+            models.UniqueConstraint(
+                fields=["server", "hostname"],
+                condition=models.Q(machine_id=""),
+                name="agent_unique_per_host",
+            ),
         ]
         # Lists are read a page at a time in this order (the API, the fleet page and its
         # poll): the database walks the first rows of the index instead of sorting the fleet.
@@ -84,3 +102,17 @@ class Agent(models.Model):
     @property
     def legacy(self) -> bool:
         return not self.signs_requests
+
+
+class AgentNonce(models.Model):
+    """A signed request's nonce, kept until its window ends (fleet.nonces): shared by the
+    processes that serve one fleet on PostgreSQL. No foreign key: a row outlives nothing it
+    needs, and the insert stays one cheap statement."""
+
+    pk = models.CompositePrimaryKey("agent_id", "nonce")
+    agent_id = models.BigIntegerField()
+    nonce = models.CharField(max_length=64)
+    expires = models.BigIntegerField(db_index=True)  # Unix seconds
+
+    def __str__(self) -> str:
+        return f"{self.agent_id}:{self.nonce}"

@@ -7,13 +7,13 @@ from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
-from django.db import transaction
+from django.db import IntegrityError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
 from tether import wakeups
 from tether.accounts.services import audit
-from tether.errors import TetherError
+from tether.errors import Conflict, TetherError
 
 from . import authentication, credentials, hooks
 from .models import Agent, Server
@@ -163,32 +163,76 @@ def register_agent(
     rpc_port: int | None = None,
     signing: bool = False,
     address: str | None = None,
+    machine_id: str = "",
+    instance_id: str = "",
 ) -> Registration:
-    """Create the agent for (server, hostname), or rotate its credentials if it exists:
-    registering again revokes the old token and secret at once. The apps above hear of it
-    (agent_registered): what the old identity was running is lost, a new one gets a
-    certificate."""
+    """Create the agent for its identity on `server`, or rotate its credentials if it exists:
+    registering again revokes the old token and secret at once. The identity is the machine
+    id when the agent sends one (DESIGN §6), else the hostname (the original dialect).
+
+    Another install with the same machine identity (a cloned host) is refused while the
+    agent it would displace is alive, so two hosts never take the identity from each other;
+    once that agent is gone, the newcomer takes its place. The apps above hear of it
+    (agent_registered): what a replaced install was running is lost (not what the same
+    install, registering again, still runs), a new identity gets a certificate."""
+    agent = _registered_agent(server, hostname, machine_id)
+    clone = bool(machine_id) and agent is not None and agent.instance_id not in ("", instance_id)
+    if clone and agent_is_online(agent):
+        raise Conflict(
+            f"Agent {agent.pk} ({agent.hostname}) has this machine identity and is online: "
+            "is this host a clone? Give it its own /etc/machine-id "
+            "(systemd-machine-id-setup) or another state dir.",
+            code="identity_in_use",
+        )
+    replaced = agent is not None and (not machine_id or agent.instance_id != instance_id)
     token = credentials.new_agent_token()
     secret_key = credentials.new_secret_key()
-    now = timezone.now()
-    agent, created = Agent.objects.update_or_create(
-        server=server,
-        hostname=hostname,
-        defaults={
-            "version": version,
-            "os": os,
-            "arch": arch,
-            "rpc_port": rpc_port,
-            "address": address,
-            "token_hash": credentials.hash_agent_token(token),
-            "secret_key_encrypted": credentials.encrypt(secret_key),
-            "signs_requests": signing,
-            "registered_at": now,
-            "status": Agent.Status.PENDING,
-        },
-    )
-    hooks.agent_registered.send(agent=agent, replaced=not created)
+    fields = {
+        "hostname": hostname,
+        "machine_id": machine_id,
+        "instance_id": instance_id,
+        "version": version,
+        "os": os,
+        "arch": arch,
+        "rpc_port": rpc_port,
+        "address": address,
+        "token_hash": credentials.hash_agent_token(token),
+        "secret_key_encrypted": credentials.encrypt(secret_key),
+        "signs_requests": signing,
+        "sends_nonces": False,
+        "registered_at": timezone.now(),
+        "status": Agent.Status.PENDING,
+    }
+    if agent is None:
+        try:
+            with transaction.atomic():
+                agent = Agent.objects.create(server=server, **fields)
+        except IntegrityError as exc:  # the same identity, registering at this very moment
+            raise Conflict(
+                "Another registration of this agent is in progress; try again.",
+                code="identity_in_use",
+            ) from exc
+    else:
+        for name, value in fields.items():
+            setattr(agent, name, value)
+        agent.save(update_fields=[*fields])
+    hooks.agent_registered.send(agent=agent, replaced=replaced)
     return Registration(agent=agent, token=token, secret_key=secret_key)
+
+
+def _registered_agent(server: Server, hostname: str, machine_id: str) -> Agent | None:
+    """The agent a registration is for, locked: by machine id, else by hostname. An agent that
+    registered before it sent a machine id (Tether's own, signing, by hostname) is adopted
+    by its first registration with one, rather than left behind as a stale twin."""
+    agents = Agent.objects.select_for_update()
+    if not machine_id:
+        return agents.filter(server=server, hostname=hostname, machine_id="").first()
+    return (
+        agents.filter(server=server, machine_id=machine_id).first()
+        or agents.filter(
+            server=server, hostname=hostname, machine_id="", signs_requests=True
+        ).first()
+    )
 
 
 def registration_answer(registration: Registration) -> dict[str, Any]:
