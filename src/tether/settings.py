@@ -45,6 +45,13 @@ def _secret_key() -> str:
 
 
 SECRET_KEY = _secret_key()
+# Former keys, comma-separated: what they encrypted (agent secrets, SSH keys) and signed
+# (sessions) is still read while `tether reencrypt` moves it to SECRET_KEY (docs/security.md).
+SECRET_KEY_FALLBACKS = [
+    key.strip()
+    for key in os.environ.get("TETHER_SECRET_KEY_FALLBACKS", "").split(",")
+    if key.strip()
+]
 DEBUG = env_bool("TETHER_DEBUG", False)
 ALLOWED_HOSTS = [h.strip() for h in os.environ.get("TETHER_ALLOWED_HOSTS", "*").split(",")]
 PUBLIC_URL = os.environ.get("TETHER_PUBLIC_URL", "").rstrip("/")

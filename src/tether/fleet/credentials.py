@@ -13,7 +13,7 @@ import secrets
 import uuid
 from functools import lru_cache
 
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from django.conf import settings
@@ -52,7 +52,7 @@ def hash_agent_token(token: str) -> str:
     return hash_token(canonical)
 
 
-@lru_cache(maxsize=4)
+@lru_cache(maxsize=16)
 def _fernet(secret_key: str) -> Fernet:
     key = HKDF(
         algorithm=hashes.SHA256(), length=32, salt=b"tether-credentials", info=b"fernet"
@@ -60,14 +60,30 @@ def _fernet(secret_key: str) -> Fernet:
     return Fernet(base64.urlsafe_b64encode(key))
 
 
+def _keys() -> MultiFernet:
+    """SECRET_KEY encrypts; it and SECRET_KEY_FALLBACKS decrypt, so a key can be rotated
+    without locking every agent out (`tether reencrypt` then moves the values over)."""
+    return MultiFernet(
+        [_fernet(key) for key in (settings.SECRET_KEY, *settings.SECRET_KEY_FALLBACKS)]
+    )
+
+
 def encrypt(value: str) -> str:
-    return _fernet(settings.SECRET_KEY).encrypt(value.encode()).decode()
+    return _keys().encrypt(value.encode()).decode()
 
 
 def decrypt(value: str) -> str:
-    """Raises ValueError when the value was encrypted under another SECRET_KEY."""
+    """Raises ValueError when the value was encrypted under a key no longer configured."""
     try:
-        return _fernet(settings.SECRET_KEY).decrypt(value.encode()).decode()
+        return _keys().decrypt(value.encode()).decode()
+    except InvalidToken as exc:
+        raise ValueError("cannot decrypt: SECRET_KEY changed?") from exc
+
+
+def reencrypt(value: str) -> str:
+    """`value` encrypted under SECRET_KEY (ValueError as for decrypt)."""
+    try:
+        return _keys().rotate(value.encode()).decode()
     except InvalidToken as exc:
         raise ValueError("cannot decrypt: SECRET_KEY changed?") from exc
 
