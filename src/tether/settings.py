@@ -64,7 +64,6 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
-    "rest_framework.authtoken",
     "drf_spectacular",
     "django_tasks",
     "django_tasks_db",
@@ -210,9 +209,12 @@ SIGNATURE_FUTURE = env_int("TETHER_SIGNATURE_FUTURE", 30)
 ACCEPT_LEGACY_AGENTS = env_bool("TETHER_ACCEPT_LEGACY_AGENTS", True)
 REGISTER_RATE = os.environ.get("TETHER_REGISTER_RATE", "60/min")
 
+# Human API tokens live this many days unless their creator says otherwise (0: never).
+TOKEN_DAYS = env_int("TETHER_TOKEN_DAYS", 90)
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
-        "rest_framework.authentication.TokenAuthentication",
+        "tether.accounts.authentication.ApiTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],

@@ -10,8 +10,8 @@ from django.conf import settings
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from rest_framework import exceptions
-from rest_framework.authentication import SessionAuthentication, TokenAuthentication
 from rest_framework.request import Request
+from rest_framework.settings import api_settings
 
 from tether.db import run_db
 from tether.errors import json_error
@@ -42,7 +42,8 @@ class Pause:
 
 def authenticated_user(request: HttpRequest) -> Any:
     """The human behind a request (API token or session), as DRF would decide it."""
-    drf_request = Request(request, authenticators=[TokenAuthentication(), SessionAuthentication()])
+    authenticators = [auth() for auth in api_settings.DEFAULT_AUTHENTICATION_CLASSES]
+    drf_request = Request(request, authenticators=authenticators)
     user = drf_request.user
     if not user or not user.is_authenticated:
         raise exceptions.NotAuthenticated()

@@ -11,14 +11,11 @@ from django.db import connection
 from django.http import HttpRequest, JsonResponse
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView
-from rest_framework.authtoken.views import ObtainAuthToken
-from rest_framework.parsers import FormParser, MultiPartParser
 
 from tether.commands import agent_api as commands_agent_api
 from tether.deploy import agent_api as deploy_agent_api
 from tether.fleet import agent_api as fleet_agent_api
 from tether.monitoring import metrics_view
-from tether.parsers import BoundedJSONParser
 
 
 def healthz(request: HttpRequest) -> JsonResponse:
@@ -39,6 +36,7 @@ agent_urls = [
 ]
 
 api_urls = [
+    path("", include("tether.accounts.api.urls")),
     path("", include("tether.fleet.api.urls")),
     path("", include("tether.commands.api.urls")),
     path("", include("tether.pki.api.urls")),
@@ -52,10 +50,6 @@ urlpatterns = [
     path("metrics/", metrics_view),
     path("admin/", admin.site.urls),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
-    path(
-        "api/auth/token/",
-        ObtainAuthToken.as_view(parser_classes=[BoundedJSONParser, FormParser, MultiPartParser]),
-    ),
     path("api/agents/", include(agent_urls)),
     path("api/", include(api_urls)),
     path("", include("tether.web.urls")),

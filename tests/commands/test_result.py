@@ -3,9 +3,9 @@
 import base64
 import time
 
-from rest_framework.authtoken.models import Token
 from rest_framework.test import APIClient
 
+from tether.accounts.services import create_api_token
 from tether.commands.models import Command
 
 from ..base import BaseTestCase
@@ -269,7 +269,8 @@ class ResultTestCase(BaseTestCase):
 
     def test_a_human_token_is_not_an_agent_token(self) -> None:
         human = APIClient()
-        human.credentials(HTTP_AUTHORIZATION=f"Token {Token.objects.create(user=self.alice).key}")
+        _, secret = create_api_token(user=self.alice, name="human", expires_in_days=1)
+        human.credentials(HTTP_AUTHORIZATION=f"Token {secret}")
 
         response = human.post(self.url, {"success": True}, format="json")
 

@@ -1,5 +1,8 @@
+from datetime import datetime
+
 from django.conf import settings
 from django.db import models
+from django.utils import timezone
 
 
 class AuditEvent(models.Model):
@@ -19,3 +22,32 @@ class AuditEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.user} {self.action} {self.target_type}:{self.target_id}"
+
+
+class ApiToken(models.Model):
+    """A person's API token (DESIGN §6): only its SHA-256 is stored, so a database dump
+    yields no usable token; the prefix lets its owner tell tokens apart in a list. A revoked
+    token keeps its row (the audit log points at it) but no longer authenticates."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens"
+    )
+    name = models.CharField(max_length=100)
+    prefix = models.CharField(max_length=16)
+    token_hash = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField(null=True, blank=True)  # null: never, asked for explicitly
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.user} {self.name} ({self.prefix}…)"
+
+    def is_usable(self, now: datetime) -> bool:
+        """Not revoked, not expired, and its user may still log in."""
+        if self.revoked_at is not None or not self.user.is_active:
+            return False
+        return self.expires_at is None or now < self.expires_at

@@ -6,6 +6,8 @@ from typing import TypeVar
 from django.contrib.auth.models import AbstractBaseUser
 from django.db.models import Model, QuerySet
 
+from .models import ApiToken
+
 M = TypeVar("M", bound=Model)
 
 
@@ -14,3 +16,10 @@ def owned_by(user: AbstractBaseUser, queryset: QuerySet[M], owner: str) -> Query
     (e.g. "agent__server__owner") is the user. Another user's object is then simply not
     found (a 404), never a 403 that would confirm it exists."""
     return queryset if user.is_staff else queryset.filter(**{owner: user})
+
+
+def api_tokens_of(user: AbstractBaseUser) -> QuerySet[ApiToken]:
+    """The tokens `user` may list and revoke: their own, not revoked (expired ones stay
+    listed, so that their owner sees why a script stopped working). Staff too see only
+    their own: a token is a personal credential, not a fleet object."""
+    return ApiToken.objects.filter(user=user, revoked_at__isnull=True)

@@ -1,0 +1,11 @@
+"""The accounts app's human API, mounted at /api/ (tether.urls)."""
+
+from django.urls import path
+from rest_framework.routers import SimpleRouter
+
+from .views import ApiTokenViewSet, ObtainTokenView
+
+router = SimpleRouter()
+router.register("auth/tokens", ApiTokenViewSet, basename="api-token")
+
+urlpatterns = [path("auth/token/", ObtainTokenView.as_view(), name="obtain-token"), *router.urls]
