@@ -218,3 +218,26 @@ class ServerForm(forms.ModelForm):
         if server_name_taken(owner=self.owner, name=name, server=self.instance):
             raise forms.ValidationError(NAME_TAKEN)
         return name
+
+
+NEVER = "never"
+
+
+class ApiTokenForm(forms.Form):
+    """A new API token: a name, and a lifetime from a short list (the server's default
+    among them; "never" only when chosen)."""
+
+    name = forms.CharField(max_length=100)
+    expires_in_days = forms.ChoiceField(label="Expires")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        default = settings.TOKEN_DAYS
+        days = sorted({7, 30, 90, 365, *([default] if default else [])})
+        field = self.fields["expires_in_days"]
+        field.choices = [(str(d), f"in {d} days") for d in days] + [(NEVER, "never")]
+        field.initial = str(default) if default else NEVER
+
+    def clean_expires_in_days(self) -> int | None:
+        value = self.cleaned_data["expires_in_days"]
+        return None if value == NEVER else int(value)

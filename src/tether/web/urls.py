@@ -3,7 +3,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from . import fleet_views, run_views, setup_views, views
+from . import account_views, fleet_views, run_views, setup_views, views
 
 app_name = "web"
 
@@ -44,6 +44,8 @@ urlpatterns = [
     path(
         "templates/<int:template_id>/delete/", setup_views.template_delete, name="template-delete"
     ),
+    path("account/tokens/", account_views.tokens, name="tokens"),
+    path("account/tokens/<int:token_id>/revoke/", account_views.token_revoke, name="token-revoke"),
 ]
 urlpatterns += [
     path(

@@ -1,0 +1,37 @@
+"""The account page: a person's API tokens, listed, made (the secret shown once) and revoked."""
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.http import HttpRequest, HttpResponse
+from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
+from django.utils.cache import add_never_cache_headers
+from django.views.decorators.http import require_http_methods, require_POST
+
+from tether.accounts.selectors import api_tokens_of
+from tether.accounts.services import create_api_token, revoke_api_token
+
+from .forms import ApiTokenForm
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+def tokens(request: HttpRequest) -> HttpResponse:
+    form = ApiTokenForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        token, secret = create_api_token(user=request.user, **form.cleaned_data)
+        response = render(request, "web/token_created.html", {"token": token, "secret": secret})
+        add_never_cache_headers(response)  # shown once: not from the back button's cache either
+        return response
+    listing = api_tokens_of(request.user)
+    context = {"tokens": listing, "form": form, "now": timezone.now()}
+    return render(request, "web/tokens.html", context)
+
+
+@login_required
+@require_POST
+def token_revoke(request: HttpRequest, token_id: int) -> HttpResponse:
+    token = get_object_or_404(api_tokens_of(request.user), pk=token_id)
+    revoke_api_token(token=token, user=request.user)
+    messages.success(request, f"Token {token.name} ({token.prefix}…) was revoked.")
+    return redirect("web:tokens")
