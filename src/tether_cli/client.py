@@ -166,6 +166,9 @@ class Client:
     def post(self, path: str, body: Any = None, **kw: Any) -> Any:
         return self.request("POST", path, {} if body is None else body, **kw)
 
+    def delete(self, path: str) -> Any:
+        return self.request("DELETE", path)
+
     def get_all(self, path: str, **params: Any) -> list[Any]:
         """Every item of a paged list (`{count, next, previous, results}`), following `next`;
         an unpaged list is returned as it is."""

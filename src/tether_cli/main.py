@@ -4,6 +4,7 @@ connection or API error (one line on stderr), 130 interrupted."""
 
 import getpass
 import os
+import socket
 import sys
 from enum import StrEnum
 from typing import Annotated, Any, NoReturn
@@ -11,7 +12,7 @@ from typing import Annotated, Any, NoReturn
 import typer
 from typer.core import TyperCommand
 
-from . import render, runs
+from . import render, runs, tokens
 from .client import Client
 from .config import Login, current_login, normalize_url, save_login
 from .errors import INTERRUPTED, USAGE_OR_API_ERROR, CliError
@@ -26,6 +27,8 @@ app = typer.Typer(
     rich_markup_mode="markdown",
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+
+app.add_typer(tokens.app, name="tokens")
 
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
@@ -68,9 +71,10 @@ def login(
     url: Annotated[str, typer.Argument(help="The server, e.g. https://tether.example.com")],
     username: Annotated[str, typer.Option(help="Asked for when not given.")] = "",
 ) -> None:
-    """Log in to a Tether server and store its URL and an API token.
+    """Log in to a Tether server and store its URL and a new API token.
 
-    The password comes from TETHER_PASSWORD, or is asked for without echo.
+    The token is named tetherctl@HOSTNAME and expires when the server's default says. The
+    password comes from TETHER_PASSWORD, or is asked for without echo.
     """
     url = normalize_url(url)
     try:
@@ -82,7 +86,8 @@ def login(
         ) from None
     try:
         answer = Client(Login(url=url, token="")).post(
-            "/api/auth/token/", {"username": username, "password": password}
+            "/api/auth/token/",
+            {"username": username, "password": password, "name": login_token_name()},
         )
     except CliError as exc:
         raise CliError(f"login failed: {exc}", status=exc.status, code=exc.code) from None
@@ -91,6 +96,12 @@ def login(
     overriding = [name for name in ("TETHER_URL", "TETHER_TOKEN") if os.environ.get(name)]
     if overriding:
         render.note(f"{' and '.join(overriding)} in the environment still override it")
+
+
+def login_token_name() -> str:
+    """How the token a login makes is listed (`tetherctl tokens`, the tokens page): which
+    machine holds it, so that a lost laptop's token is the one to revoke."""
+    return f"tetherctl@{socket.gethostname()}"[:100]
 
 
 @app.command()

@@ -124,6 +124,30 @@ def templates_table(templates: list[dict[str, Any]]) -> None:
     out.print(table)
 
 
+def tokens_table(tokens: list[dict[str, Any]]) -> None:
+    table = Table(title=f"{len(tokens)} API tokens", title_justify="left")
+    for column in ("id", "name", "token", "created", "expires", "last used"):
+        table.add_column(column, overflow="fold", justify="right" if column == "id" else "left")
+    now = datetime.now(UTC)
+    for token in tokens:
+        expires = token.get("expires_at")
+        if not expires:
+            expires_text = Text("never")
+        elif datetime.fromisoformat(expires) <= now:
+            expires_text = Text(f"expired {expires[:10]}", style="red")
+        else:
+            expires_text = Text(expires[:10])
+        table.add_row(
+            str(token["id"]),
+            Text(token.get("name", "")),
+            f"{token.get('prefix', '')}…",
+            (token.get("created_at") or "")[:10],
+            expires_text,
+            age(token.get("last_used_at")),
+        )
+    out.print(table)
+
+
 def status_check(agent: dict[str, Any], answer: dict[str, Any]) -> None:
     reachable = bool(answer.get("reachable"))
     table = Table.grid(padding=(0, 2))
