@@ -31,6 +31,7 @@ from tests.conftest import (
 )
 from tests.e2e.test_streaming import read_events
 from tests.pgcluster import PgCluster, find_bin_dir
+from tether.fleet import credentials
 
 pytestmark = pytest.mark.e2e
 
@@ -233,3 +234,46 @@ def test_workers_run_several_processes_on_one_port(pg_url: str, tmp_path: Path) 
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(timeout=20) == 0
     assert not any(Path(f"/proc/{pid}").exists() for pid in again)
+
+
+def test_a_request_replayed_to_another_process_is_refused(pg_url: str, tmp_path: Path) -> None:
+    """The nonce of a signed request is shared by every process (issue 13, row 6): a poll
+    captured on its way to A and replayed to B, once work is queued, takes nothing."""
+    env = {"TETHER_DATABASE_URL": pg_url, "TETHER_SECRET_KEY": "k" * 50}
+    a = TetherServer(tmp_path / "a", env).setup().start()
+    (tmp_path / "b").mkdir()
+    b = TetherServer(tmp_path / "b", env).start()
+    try:
+        admin = a.login("admin", ADMIN_PASSWORD)
+        _, server = admin.post("/api/servers/", {"name": "replayed", "host": "127.0.0.1"})
+        status, reg = Api(a.url).post(
+            "/api/agents/register/",
+            {"server_token": server["server_token"], "hostname": "r", "signing": "hmac-sha256"},
+        )
+        assert status == 201, reg
+        path = "/api/agents/poll_commands/?wait=0"
+        stamp, nonce = str(int(time.time())), os.urandom(16).hex()
+        headers = {
+            "X-Agent-Token": reg["token"],
+            "X-Tether-Timestamp": stamp,
+            "X-Tether-Nonce": nonce,
+            "X-Tether-Signature": credentials.sign(
+                reg["secret_key"], "GET", path, stamp, b"", nonce
+            ),
+        }
+        status, first = Api(a.url, headers).get(path)
+        assert status == 200, first
+        status, queued = admin.post(
+            f"/api/agents/{reg['agent_id']}/send_command/", {"command": "true"}
+        )
+        assert status == 201, queued
+
+        status, replay = Api(b.url, headers).get(path)
+
+        assert status == 401, replay
+        assert replay["error"]["code"] == "authentication_failed"
+        _, command = admin.get(f"/api/commands/{queued['id']}/")
+        assert command["status"] == "queued"
+    finally:
+        b.kill(signal.SIGTERM)
+        a.kill(signal.SIGTERM)

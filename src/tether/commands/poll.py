@@ -223,7 +223,9 @@ def _open(
     return services.claim_commands(agent=agent)
 
 
-async def _credential(request: PollRequest) -> Credential:
+async def _credential(request: PollRequest) -> tuple[Credential, "asyncio.Future[bool] | None"]:
+    """The polling agent's credential, and its nonce's check still under way (None when it
+    is done): the poll awaits it (`nonces.confirmed`) before it hands out work or answers."""
     token = request.headers.get("x-agent-token", "")
     credential = cached_credential(token) or await run_db(credential_for, token)
     timestamp = request.headers.get("x-tether-timestamp", "")
@@ -236,12 +238,14 @@ async def _credential(request: PollRequest) -> Credential:
         body=request.body,
         nonce=request.headers.get("x-tether-nonce", ""),
     )
-    if nonce:
-        if not await nonces.remember_async(credential.agent.pk, nonce, timestamp):
-            raise exceptions.AuthenticationFailed(REFUSAL)
-        if not credential.agent.sends_nonces:
-            await run_db(require_nonces, credential)
-    return credential
+    if not nonce:
+        return credential, None
+    verdict = nonces.check_soon(credential.agent.pk, nonce, timestamp)
+    if verdict is False:
+        raise exceptions.AuthenticationFailed(REFUSAL)
+    if not credential.agent.sends_nonces:
+        await run_db(require_nonces, credential)
+    return credential, (None if verdict is True else verdict)
 
 
 class Gone(Exception):
@@ -257,6 +261,12 @@ def _observe_dispatch(delivery: services.Delivery) -> None:
             metrics.DISPATCH_SECONDS.observe(seconds)
 
 
+def _error(exc: exceptions.APIException) -> tuple[int, dict]:
+    response = exception_handler(exc, {})
+    assert response is not None
+    return response.status_code, response.data
+
+
 async def answer_poll(request: PollRequest, waiter: wakeups.Waiter) -> tuple[int, dict]:
     """Answer as soon as there is work (or a cancel) for the agent, else after `wait`
     seconds: (status, body). `waiter` is the caller's subscription, made before anything
@@ -266,22 +276,43 @@ async def answer_poll(request: PollRequest, waiter: wakeups.Waiter) -> tuple[int
             raise exceptions.MethodNotAllowed(request.method)
         if len(request.body) > settings.MAX_REQUEST_BYTES:
             raise PayloadTooLarge(settings.MAX_REQUEST_BYTES)
-        credential = await _credential(request)
+        credential, pending = await _credential(request)
         wait, version, rpc_port = _params(request.query)
     except exceptions.APIException as exc:
-        response = exception_handler(exc, {})
-        assert response is not None
-        return response.status_code, response.data
-    agent = credential.agent
+        return _error(exc)
+    try:
+        return await _answer(request, waiter, credential.agent, pending, wait, version, rpc_port)
+    except exceptions.AuthenticationFailed as exc:  # a replay, found out by the shared record
+        return _error(exc)
+
+
+async def _unreplayed(pending: "asyncio.Future[bool] | None") -> None:
+    """Before the poll takes work or answers: its nonce must be new to every process (a
+    replay must not take work); at once when that is already known."""
+    if not await nonces.confirmed(pending):
+        raise exceptions.AuthenticationFailed(REFUSAL)
+
+
+async def _answer(
+    request: PollRequest,
+    waiter: wakeups.Waiter,
+    agent: Agent,
+    pending: "asyncio.Future[bool] | None",
+    wait: float,
+    version: str | None,
+    rpc_port: int | None,
+) -> tuple[int, dict]:
     hub.ensure_running()
     wakeups.register(wakeups.agent_key(agent.pk), waiter)
     delivery = services.Delivery(commands=[], cancel=[])
     if heartbeats.needs_write(agent, version, rpc_port, request.peer):
+        await _unreplayed(pending)
         hub.taking(agent.pk)
         delivery = await run_db(_open, agent, version, rpc_port, request.peer)
     else:
         heartbeats.note(agent.pk)
         if hub.may_have_work(agent.pk):
+            await _unreplayed(pending)
             delivery = await hub.claim(agent.pk)
     deadline = time.monotonic() + wait
     with metrics.HELD_POLLS.track_inprogress():
@@ -291,7 +322,9 @@ async def answer_poll(request: PollRequest, waiter: wakeups.Waiter) -> tuple[int
                 break
             if getattr(waiter, "gone", False):
                 raise Gone
+            await _unreplayed(pending)
             delivery = await hub.claim(agent.pk)
+    await _unreplayed(pending)
     _observe_dispatch(delivery)
     if len(delivery.commands) >= services.CLAIM_LIMIT:
         hub.work.add(agent.pk)  # more may wait: the next poll asks at once

@@ -7,11 +7,12 @@ process is refused as well. SQLite is served by one process: its memory is the w
 (a restart forgets, and the window then bounds what a replay could do).
 
 The shared record costs one INSERT per signed request; the long-polls of a whole process go
-in batches (`remember_async`), so an idle fleet of 10,000 agents adds a few multi-row
-INSERTs a second, not one statement per poll.
+in batches (`check_soon`), so an idle fleet of 10,000 agents adds about ten multi-row
+INSERTs a second per process, not one statement per poll.
 """
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import deque
@@ -28,6 +29,8 @@ from .models import AgentNonce
 # early, and the shared record still holds them on PostgreSQL.
 LOCAL_MAX = 1_000_000
 BATCH = 500
+# How long a poll's nonce may wait for others to share its INSERT (the poll is held anyway).
+BATCH_DELAY = 0.1
 
 _seen: dict[tuple[int, str], int] = {}
 _order: deque[tuple[int, tuple[int, str]]] = deque()
@@ -82,22 +85,37 @@ def remember(agent_id: int, nonce: str, timestamp: str) -> bool:
 
 
 class _Batcher:
-    """The shared INSERTs of one event loop's polls: whatever arrived while the previous
-    batch was in flight goes in the next one."""
+    """The shared INSERTs of one event loop's polls, gathered for up to BATCH_DELAY: a held
+    poll needs its nonce confirmed only before it hands out work or answers, so an idle
+    fleet's polls go in a few statements a second. A poll about to act hurries the batch."""
 
     def __init__(self) -> None:
-        self.pending: list[tuple[tuple[int, str, int], asyncio.Future[bool]]] = []
-        self.task: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
 
-    async def remember(self, row: tuple[int, str, int]) -> bool:
-        future = asyncio.get_running_loop().create_future()
+    def _ensure(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if loop is not self.loop:  # a new loop (tests): nothing of the old one carries over
+            self.loop, self.task, self.hurry = loop, None, asyncio.Event()
+            self.pending: list[tuple[tuple[int, str, int], asyncio.Future[bool]]] = []
+        return loop
+
+    def submit(self, row: tuple[int, str, int]) -> "asyncio.Future[bool]":
+        loop = self._ensure()
+        future = loop.create_future()
         self.pending.append((row, future))
         if self.task is None or self.task.done():
-            self.task = asyncio.create_task(self.drain())
-        return await future
+            self.task = loop.create_task(self.drain())
+        return future
+
+    def hurry_up(self) -> None:
+        self._ensure()
+        self.hurry.set()
 
     async def drain(self) -> None:
         while self.pending:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.hurry.wait(), BATCH_DELAY)
+            self.hurry.clear()
             batch, self.pending = self.pending[:BATCH], self.pending[BATCH:]
             try:
                 fresh = await run_db(_insert, [row for row, _ in batch])
@@ -114,14 +132,25 @@ class _Batcher:
 _batcher = _Batcher()
 
 
-async def remember_async(agent_id: int, nonce: str, timestamp: str) -> bool:
-    """`remember` for the event loop (the thin long-poll route)."""
+def check_soon(agent_id: int, nonce: str, timestamp: str) -> "bool | asyncio.Future[bool]":
+    """`remember` for the event loop (the thin long-poll route): False for a replay this
+    process saw, True when nothing more is to be checked, else a future the caller awaits
+    (through `confirmed`) before it acts on the request."""
     expires = expiry(timestamp)
     if not _first_here(agent_id, nonce, expires):
         return False
     if not _shared():
         return True
-    return await _batcher.remember((agent_id, nonce, expires))
+    return _batcher.submit((agent_id, nonce, expires))
+
+
+async def confirmed(pending: "asyncio.Future[bool] | None") -> bool:
+    """Whether a nonce from `check_soon` was new everywhere; at once if already known."""
+    if pending is None:
+        return True
+    if not pending.done():
+        _batcher.hurry_up()
+    return await pending
 
 
 def prune() -> int:
