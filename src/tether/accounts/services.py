@@ -7,18 +7,23 @@ from django.db import transaction
 from django.utils import timezone
 
 from .models import ApiToken, AuditEvent
+from .origin import current_origin
 from .tokens import hash_api_token, new_api_token, token_prefix
 
 
 def audit(*, user: AbstractBaseUser | None, action: str, target: Any, **details: Any) -> None:
     """Record a human action in the audit log (DESIGN §6); call it inside the action's
-    transaction so the record and the change land together."""
+    transaction so the record and the change land together. Where from is the request being
+    served (tether.accounts.origin), so no service has to pass it along."""
+    origin = current_origin()
     AuditEvent.objects.create(
         user=user if user is not None and user.is_authenticated else None,
         action=action,
         target_type=type(target).__name__.lower(),
         target_id=str(getattr(target, "pk", target)),
         details=details,
+        address=origin.address if origin else None,
+        user_agent=origin.user_agent if origin else "",
     )
 
 

@@ -15,6 +15,8 @@ from rest_framework.response import Response
 from rest_framework.throttling import ScopedRateThrottle
 from rest_framework.views import APIView
 
+from tether.accounts.origin import request_origin
+from tether.accounts.services import audit
 from tether.errors import json_error
 
 from . import credentials, heartbeats, services
@@ -76,8 +78,25 @@ class RegisterView(APIView):
             address=peer_address(request),
             **fields,
         )
+        _audit_registration(request, registration)
         answer = services.registration_answer(registration)
         return Response(answer, status=status.HTTP_201_CREATED)
+
+
+def _audit_registration(request: Request, registration: services.Registration) -> None:
+    """The audit log's line for a registration: no human actor, where from (the event's
+    address), and whether it made a new agent or rotated an existing one's credentials (an
+    existing row was created before this registration's time)."""
+    agent = registration.agent
+    with request_origin(request):
+        audit(
+            user=None,
+            action="agent.register",
+            target=agent,
+            server=agent.server_id,
+            hostname=agent.hostname,
+            new=agent.created_at >= agent.registered_at,
+        )
 
 
 class HeartbeatInput(serializers.Serializer):

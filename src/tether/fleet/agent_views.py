@@ -4,7 +4,6 @@ Each app's agent views live in its `agent_api.py`, apart from its human API; bot
 share services, never views. The fleet owns agent authentication, so the base lives here.
 """
 
-import ipaddress
 from typing import Any
 
 from django.conf import settings
@@ -12,9 +11,9 @@ from django.http import HttpRequest, JsonResponse
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import exceptions, serializers
-from rest_framework.throttling import BaseThrottle
 from rest_framework.views import APIView
 
+from tether.accounts.origin import address_of, peer_address  # noqa: F401 (agent views use them)
 from tether.errors import PayloadTooLarge, exception_handler
 
 from .authentication import AgentTokenAuthentication, IsAgent
@@ -26,22 +25,6 @@ def agent_endpoint(view: Any) -> Any:
     middleware stack."""
     view.agent_endpoint = True
     return view
-
-
-def peer_address(request: HttpRequest) -> str | None:
-    """The agent's address as the throttles see it (X-Forwarded-For only behind NUM_PROXIES
-    proxies): where the server reaches its RPC endpoint."""
-    return address_of(BaseThrottle().get_ident(request))
-
-
-def address_of(ident: str) -> str | None:
-    """A throttle ident as an address to store, or None when it is not one."""
-    try:
-        parsed = ipaddress.ip_address(ident)
-    except ValueError:
-        return None
-    # A scoped IPv6 address loses its scope in the database: not a usable RPC target.
-    return None if getattr(parsed, "scope_id", None) else str(parsed)
 
 
 def check_body_size(request: HttpRequest, limit: int) -> None:

@@ -1,7 +1,10 @@
-"""The account page: a person's API tokens, listed, made (the secret shown once) and revoked."""
+"""The login form, and the account page: a person's API tokens, listed, made (the secret
+shown once) and revoked."""
 
 from django.contrib import messages
+from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
+from django.contrib.auth.forms import AuthenticationForm
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
@@ -9,7 +12,7 @@ from django.utils.cache import add_never_cache_headers
 from django.views.decorators.http import require_http_methods, require_POST
 
 from tether.accounts.selectors import api_tokens_of
-from tether.accounts.services import create_api_token, revoke_api_token
+from tether.accounts.services import audit, create_api_token, revoke_api_token
 
 from .forms import ApiTokenForm
 
@@ -35,3 +38,13 @@ def token_revoke(request: HttpRequest, token_id: int) -> HttpResponse:
     revoke_api_token(token=token, user=request.user)
     messages.success(request, f"Token {token.name} ({token.prefix}…) was revoked.")
     return redirect("web:tokens")
+
+
+class LoginView(auth_views.LoginView):
+    """Django's login form; a login is an audit event (`user.login`, with where from), as an
+    API login is (the token it makes)."""
+
+    def form_valid(self, form: AuthenticationForm) -> HttpResponse:
+        response = super().form_valid(form)
+        audit(user=form.get_user(), action="user.login", target=form.get_user())
+        return response

@@ -3,7 +3,7 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from . import account_views, fleet_views, run_views, setup_views, views
+from . import account_views, audit_views, fleet_views, run_views, setup_views, views
 
 app_name = "web"
 
@@ -11,7 +11,7 @@ urlpatterns = [
     path("static/web/<path:path>", views.static_file, name="static"),
     path(
         "login/",
-        auth_views.LoginView.as_view(
+        account_views.LoginView.as_view(
             template_name="web/login.html",
             redirect_authenticated_user=True,
             next_page="web:fleet",
@@ -45,6 +45,7 @@ urlpatterns = [
         "templates/<int:template_id>/delete/", setup_views.template_delete, name="template-delete"
     ),
     path("account/tokens/", account_views.tokens, name="tokens"),
+    path("audit/", audit_views.audit_page, name="audit"),
     path("account/tokens/<int:token_id>/revoke/", account_views.token_revoke, name="token-revoke"),
 ]
 urlpatterns += [
