@@ -6,18 +6,21 @@ state only through the services, which audit every human action. The live output
 rendered here: the page's script follows the API's SSE streams with the session cookie.
 """
 
+import math
 from pathlib import Path
 from typing import Any
 
 from django.contrib import messages
+from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
-from django.core.exceptions import SuspiciousFileOperation
+from django.core.exceptions import NON_FIELD_ERRORS, SuspiciousFileOperation
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_GET, require_POST
 from django.views.static import serve
 from rest_framework import exceptions
 
+from tether.accounts.throttling import LoginGuard
 from tether.commands import output
 from tether.commands import services as command_services
 from tether.commands.models import Command
@@ -44,6 +47,34 @@ def static_file(request: HttpRequest, path: str) -> HttpResponse:
         return serve(request, path, document_root=STATIC_DIR)
     except SuspiciousFileOperation as exc:
         raise Http404 from exc
+
+
+class LoginView(auth_views.LoginView):
+    """Django's login form, throttled as the API's login is: failed attempts per username
+    and per address; past either rate the form answers 429 (with Retry-After) before the
+    password is checked."""
+
+    template_name = "web/login.html"
+    redirect_authenticated_user = True
+    next_page = "web:fleet"
+
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        self.guard = LoginGuard(request)
+        wait = self.guard.wait()
+        if wait is None:
+            return super().post(request, *args, **kwargs)
+        seconds = math.ceil(wait)
+        # Unbound, so that its password is not checked; the username stays in the field.
+        form = self.get_form_class()(request, initial={"username": request.POST.get("username")})
+        context = self.get_context_data(form=form, throttled=seconds)
+        response = self.render_to_response(context, status=429)
+        response["Retry-After"] = str(seconds)
+        return response
+
+    def form_invalid(self, form: Any) -> HttpResponse:
+        if form.has_error(NON_FIELD_ERRORS, "invalid_login"):
+            self.guard.failed()
+        return super().form_invalid(form)
 
 
 @login_required
