@@ -38,6 +38,12 @@ FAST_ENV = {
     "TETHER_LOST_GRACE": "1",
     "TETHER_POLL_RECHECK": "1",
     "TETHER_REGISTER_RATE": "1000/min",
+    # The suite logs in, polls and fails on purpose a lot; tests/e2e/test_throttles.py runs
+    # a server with the real defaults.
+    "TETHER_LOGIN_RATE": "1000/min",
+    "TETHER_LOGIN_ADDRESS_RATE": "1000/min",
+    "TETHER_AGENT_AUTH_FAIL_RATE": "1000/min",
+    "TETHER_POLL_RATE": "6000/min",
 }
 
 _processes: list[subprocess.Popen] = []
@@ -149,12 +155,18 @@ def _database_work_in_the_test_thread(settings: Any) -> None:
 def _fresh_agent_caches() -> Iterator[None]:
     """Each test rolls the database back; what the process remembers of agents (their
     credentials, which have work) must not outlive it."""
+    from django.core.cache import cache
+    from django.core.cache.backends.locmem import LocMemCache
+
     from tether.commands.poll import hub
-    from tether.fleet import heartbeats, nonces
+    from tether.fleet import guard, heartbeats, nonces
     from tether.fleet.authentication import clear_cache
 
     clear_cache()
     nonces.forget_all()
+    guard.forget_all()
+    if isinstance(cache, LocMemCache):  # what the throttles counted (on PostgreSQL: rolled back)
+        cache.clear()
     hub.resync()
     hub.work.clear()
     heartbeats.discard()

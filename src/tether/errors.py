@@ -78,6 +78,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         codes = exc.get_codes() if isinstance(exc, exceptions.APIException) else "error"
         code = codes if isinstance(codes, str) else "error"
         response.data = error_body(code, first_message(response.data.get("detail", exc)))
+    if "Retry-After" in response:  # a throttle's 429: the wait in the body too
+        response.data["error"]["retry_after"] = int(response["Retry-After"])
     return response
 
 

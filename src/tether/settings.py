@@ -23,6 +23,16 @@ def env_int(name: str, default: int) -> int:
     return int(os.environ.get(name, default))
 
 
+def env_rate(name: str, default: str) -> str:
+    """A throttle rate, "N/s", "N/min", "N/hour" or "N/day" (as DRF reads it), checked at start:
+    a typo would otherwise be a 500 on the first request it throttles."""
+    value = os.environ.get(name, default).strip()
+    number, _, period = value.partition("/")
+    if not (number.isascii() and number.isdigit() and period[:1] in ("s", "m", "h", "d")):
+        raise ValueError(f"{name}={value!r}: expected N/s, N/min, N/hour or N/day")
+    return value
+
+
 BASE_DIR = Path(__file__).resolve().parent
 DATA_DIR = Path(os.environ.get("TETHER_DATA_DIR", "var")).resolve()
 DATA_DIR.mkdir(parents=True, exist_ok=True)
@@ -151,7 +161,13 @@ CACHES = {
         {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
         if IS_SQLITE
         else {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "tether_cache"}
-    )
+    ),
+    # What one process counts alone: polls per agent (tether.fleet.guard). Room for a fleet.
+    "process": {
+        "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+        "LOCATION": "tether-process",
+        "OPTIONS": {"MAX_ENTRIES": 200_000},
+    },
 }
 
 # Request bodies: agents stream output in chunks well below this; the original dialect's
@@ -208,7 +224,16 @@ POLL_RECHECK = env_float("TETHER_POLL_RECHECK", 2)
 SIGNATURE_WINDOW = env_int("TETHER_SIGNATURE_WINDOW", 300)
 SIGNATURE_FUTURE = env_int("TETHER_SIGNATURE_FUTURE", 30)
 ACCEPT_LEGACY_AGENTS = env_bool("TETHER_ACCEPT_LEGACY_AGENTS", True)
-REGISTER_RATE = os.environ.get("TETHER_REGISTER_RATE", "60/min")
+# Throttles ("N/s", "N/min", "N/hour", "N/day"; docs/security.md). Past a rate the caller
+# gets 429 with Retry-After. Registration counts every call per address; logins (API and
+# page) count failed attempts, per username and per address; agent requests refused with 401
+# count per address, which is then refused before its tokens are looked at; polls count per
+# agent, in each process's memory (a poll must cost no query).
+REGISTER_RATE = env_rate("TETHER_REGISTER_RATE", "60/min")
+LOGIN_RATE = env_rate("TETHER_LOGIN_RATE", "10/min")
+LOGIN_ADDRESS_RATE = env_rate("TETHER_LOGIN_ADDRESS_RATE", "30/min")
+AGENT_AUTH_FAIL_RATE = env_rate("TETHER_AGENT_AUTH_FAIL_RATE", "60/min")
+POLL_RATE = env_rate("TETHER_POLL_RATE", "120/min")
 
 # Human API tokens live this many days unless their creator says otherwise (0: never).
 TOKEN_DAYS = env_int("TETHER_TOKEN_DAYS", 90)

@@ -33,8 +33,9 @@ SUMMARIES = {
 }
 
 
-def describe_http_error(status: int, payload: bytes) -> CliError:
-    """One line for a refusal: `authentication failed (401): Invalid token.`."""
+def describe_http_error(status: int, payload: bytes, retry_after: str | None = None) -> CliError:
+    """One line for a refusal: `authentication failed (401): Invalid token.`; a throttled
+    call says when to try again (its Retry-After header, from the API or a proxy)."""
     code, message = "", ""
     try:
         error = json.loads(payload or b"null")["error"]
@@ -42,6 +43,8 @@ def describe_http_error(status: int, payload: bytes) -> CliError:
     except (ValueError, TypeError, KeyError, AttributeError):
         pass  # not the API's JSON (a proxy's page): the status alone says what happened
     summary = SUMMARIES.get(status, "server error" if status >= 500 else "error")
+    if status == 429 and retry_after and retry_after.strip().isdigit():
+        message = f"try again in {int(retry_after)} s."
     text = f"{summary} ({status}): {message}" if message else f"{summary} ({status})"
     return CliError(text, status=status, code=code)
 
@@ -136,7 +139,8 @@ class Client:
         try:
             return OPENER.open(request, timeout=timeout or self.timeout)
         except urllib.error.HTTPError as exc:
-            raise describe_http_error(exc.code, _read_quietly(exc)) from None
+            retry_after = exc.headers.get("Retry-After") if exc.headers else None
+            raise describe_http_error(exc.code, _read_quietly(exc), retry_after) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
             raise describe_connection_error(self.base, exc) from None
 

@@ -42,11 +42,15 @@ class Stub:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True).start()
 
-    def json(self, method: str, path: str, status: int, body: Any) -> None:
+    def json(
+        self, method: str, path: str, status: int, body: Any, headers: dict[str, str] | None = None
+    ) -> None:
         def answer(handler: BaseHTTPRequestHandler) -> None:
             payload = body if isinstance(body, bytes) else json.dumps(body).encode()
             handler.send_response(status)
             handler.send_header("Content-Type", "application/json")
+            for name, value in (headers or {}).items():
+                handler.send_header(name, value)
             handler.send_header("Content-Length", str(len(payload)))
             handler.end_headers()
             handler.wfile.write(payload)
@@ -71,6 +75,17 @@ def test_an_api_error_is_one_line_with_its_status() -> None:
 
     assert str(error) == "authentication failed (401): Invalid token."
     assert (error.status, error.code) == (401, "authentication_failed")
+
+
+def test_a_throttled_call_says_when_to_try_again(stub: Stub) -> None:
+    body = {"error": {"code": "throttled", "message": "Request was throttled.", "retry_after": 42}}
+    stub.json("GET", "/api/agents/", 429, body, headers={"Retry-After": "42"})
+
+    with pytest.raises(CliError) as raised:
+        client_for(stub).get("/api/agents/")
+
+    assert str(raised.value) == "throttled (429): try again in 42 s."
+    assert raised.value.status == 429
 
 
 def test_an_answer_that_is_not_the_apis_says_what_the_status_means() -> None:

@@ -182,3 +182,21 @@ class RegisterThrottleTestCase(BaseTestCase):
         ]
 
         self.assertEqual(statuses, [401, 401, 401, 429])
+
+    def test_behind_a_proxy_it_keys_on_the_address_the_proxy_saw(self) -> None:
+        # TETHER_NUM_PROXIES=1: the proxy appends the client's address; what the client put
+        # before it is not trusted, so a new forged entry each time does not escape.
+        rest = {**settings.REST_FRAMEWORK, "NUM_PROXIES": 1}
+        proxy = APIClient(REMOTE_ADDR="10.0.0.254")
+        with override_settings(REST_FRAMEWORK=rest):
+            statuses = [
+                proxy.post(
+                    "/api/agents/register/",
+                    {"server_token": "wrong", "hostname": "web-2"},
+                    format="json",
+                    HTTP_X_FORWARDED_FOR=f"203.0.113.{i}, {client}",
+                ).status_code
+                for i, client in enumerate(["198.51.100.7"] * 4 + ["198.51.100.8"])
+            ]
+
+        self.assertEqual(statuses, [401, 401, 401, 429, 401])

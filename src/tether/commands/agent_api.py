@@ -126,6 +126,8 @@ async def poll_commands(request: HttpRequest) -> HttpResponse:
     with wakeups.subscribe() as waiter:
         status, body = await poll.answer_poll(poll_request, waiter)
     response = JsonResponse(body, status=status)
+    if status == 429:
+        response["Retry-After"] = str(body["error"]["retry_after"])
     if poll.PATHS.get(request.path):
         for name, value in poll.DEPRECATION_HEADERS:
             response[name.decode()] = value.decode()

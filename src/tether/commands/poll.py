@@ -33,7 +33,7 @@ from rest_framework.throttling import BaseThrottle
 from tether import metrics, wakeups
 from tether.db import run_db
 from tether.errors import PayloadTooLarge, error_body, exception_handler
-from tether.fleet import heartbeats, nonces
+from tether.fleet import guard, heartbeats, nonces
 from tether.fleet import services as fleet_services
 from tether.fleet.agent_views import address_of
 from tether.fleet.authentication import (
@@ -270,13 +270,23 @@ def _error(exc: exceptions.APIException) -> tuple[int, dict]:
 async def answer_poll(request: PollRequest, waiter: wakeups.Waiter) -> tuple[int, dict]:
     """Answer as soon as there is work (or a cancel) for the agent, else after `wait`
     seconds: (status, body). `waiter` is the caller's subscription, made before anything
-    is read, so a notification in between is not lost."""
+    is read, so a notification in between is not lost. An address that failed to
+    authenticate too often is refused first (tether.fleet.guard), and every 401 counts."""
+    status, body = await _guarded_answer(request, waiter)
+    if status == 401:
+        await run_db(guard.note_failure, request.peer)
+    return status, body
+
+
+async def _guarded_answer(request: PollRequest, waiter: wakeups.Waiter) -> tuple[int, dict]:
     try:
+        guard.refuse_blocked(request.peer)
         if request.method not in ("GET", "POST"):
             raise exceptions.MethodNotAllowed(request.method)
         if len(request.body) > settings.MAX_REQUEST_BYTES:
             raise PayloadTooLarge(settings.MAX_REQUEST_BYTES)
         credential, pending = await _credential(request)
+        guard.refuse_polling_too_fast(credential.agent.pk)
         wait, version, rpc_port = _params(request.query)
     except exceptions.APIException as exc:
         return _error(exc)
@@ -325,6 +335,8 @@ async def _answer(
             await _unreplayed(pending)
             delivery = await hub.claim(agent.pk)
     await _unreplayed(pending)
+    if not (delivery.commands or delivery.cancel):
+        guard.count_idle_poll(agent.pk)
     _observe_dispatch(delivery)
     if len(delivery.commands) >= services.CLAIM_LIMIT:
         hub.work.add(agent.pk)  # more may wait: the next poll asks at once
@@ -421,6 +433,8 @@ async def serve(scope: dict, receive: Any, send: Any) -> None:
     ]
     if PATHS.get(scope["path"]):
         headers += DEPRECATION_HEADERS
+    if status == 429:
+        headers.append((b"retry-after", str(payload["error"]["retry_after"]).encode()))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": content})
     metrics.observe_request(ROUTE, scope.get("method", "GET"), status)

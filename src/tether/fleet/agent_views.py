@@ -16,6 +16,7 @@ from rest_framework.views import APIView
 from tether.accounts.origin import address_of, peer_address  # noqa: F401 (agent views use them)
 from tether.errors import PayloadTooLarge, exception_handler
 
+from . import guard
 from .authentication import AgentTokenAuthentication, IsAgent
 from .models import Agent
 
@@ -55,7 +56,12 @@ class AgentAPIView(APIView):
 
     def initial(self, request: Any, *args: Any, **kwargs: Any) -> None:
         check_body_size(request, self.max_body)
-        super().initial(request, *args, **kwargs)
+        guard.refuse_blocked(peer_address(request))
+        try:
+            super().initial(request, *args, **kwargs)
+        except (exceptions.AuthenticationFailed, exceptions.NotAuthenticated):
+            guard.note_failure(peer_address(request))
+            raise
 
     def get_agent(self) -> Agent:
         """The agent the request authenticated as."""

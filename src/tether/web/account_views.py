@@ -1,10 +1,14 @@
 """The login form, and the account page: a person's API tokens, listed, made (the secret
 shown once) and revoked."""
 
+import math
+from typing import Any
+
 from django.contrib import messages
 from django.contrib.auth import views as auth_views
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.forms import AuthenticationForm
+from django.core.exceptions import NON_FIELD_ERRORS
 from django.http import HttpRequest, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
@@ -13,6 +17,7 @@ from django.views.decorators.http import require_http_methods, require_POST
 
 from tether.accounts.selectors import api_tokens_of
 from tether.accounts.services import audit, create_api_token, revoke_api_token
+from tether.accounts.throttling import LoginGuard
 
 from .forms import ApiTokenForm
 
@@ -41,10 +46,34 @@ def token_revoke(request: HttpRequest, token_id: int) -> HttpResponse:
 
 
 class LoginView(auth_views.LoginView):
-    """Django's login form; a login is an audit event (`user.login`, with where from), as an
+    """Django's login form, throttled as the API's login is: failed attempts per username
+    and per address; past either rate the form answers 429 (with Retry-After) before the
+    password is checked. A login is an audit event (`user.login`, with where from), as an
     API login is (the token it makes)."""
+
+    template_name = "web/login.html"
+    redirect_authenticated_user = True
+    next_page = "web:fleet"
+
+    def post(self, request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        self.guard = LoginGuard(request)
+        wait = self.guard.wait()
+        if wait is None:
+            return super().post(request, *args, **kwargs)
+        seconds = math.ceil(wait)
+        # Unbound, so that its password is not checked; the username stays in the field.
+        form = self.get_form_class()(request, initial={"username": request.POST.get("username")})
+        context = self.get_context_data(form=form, throttled=seconds)
+        response = self.render_to_response(context, status=429)
+        response["Retry-After"] = str(seconds)
+        return response
 
     def form_valid(self, form: AuthenticationForm) -> HttpResponse:
         response = super().form_valid(form)
         audit(user=form.get_user(), action="user.login", target=form.get_user())
         return response
+
+    def form_invalid(self, form: Any) -> HttpResponse:
+        if form.has_error(NON_FIELD_ERRORS, "invalid_login"):
+            self.guard.failed()
+        return super().form_invalid(form)

@@ -9,15 +9,7 @@ app_name = "web"
 
 urlpatterns = [
     path("static/web/<path:path>", views.static_file, name="static"),
-    path(
-        "login/",
-        account_views.LoginView.as_view(
-            template_name="web/login.html",
-            redirect_authenticated_user=True,
-            next_page="web:fleet",
-        ),
-        name="login",
-    ),
+    path("login/", account_views.LoginView.as_view(), name="login"),
     path("logout/", auth_views.LogoutView.as_view(next_page="web:login"), name="logout"),
     path("", fleet_views.fleet, name="fleet"),
     path("fleet/rows/", fleet_views.fleet_rows, name="fleet-rows"),
