@@ -174,6 +174,8 @@ def with_output(client: Client, run: dict[str, Any]) -> dict[str, Any]:
             target["stdout"] = command.get("stdout", "")
             target["stderr"] = command.get("stderr", "")
             target["truncated"] = command.get("truncated", False)
+            target["stdout_dropped"] = command.get("stdout_dropped", 0)
+            target["stderr_dropped"] = command.get("stderr_dropped", 0)
     return run
 
 

@@ -1,9 +1,19 @@
-"""apply_chunks: each byte stored once, in offset order, up to the output cap."""
+"""apply_chunks: each byte stored once, in offset order; past the output cap a stream keeps
+its head and a rolling tail, with the dropped middle counted and marked."""
+
+import random
 
 from django.test import override_settings
 
 from tether.commands.models import OutputChunk
-from tether.commands.output import Chunk, apply_chunks, read_output
+from tether.commands.output import (
+    Chunk,
+    apply_chunks,
+    discard_output,
+    dropped_marker,
+    output_text,
+    read_output,
+)
 from tether.errors import Conflict
 
 from ..base import BaseTestCase
@@ -19,7 +29,16 @@ class ApplyChunksTestCase(BaseTestCase):
         self.command.save()
 
     def stored(self, stream: str = "stdout") -> bytes:
-        return read_output(self.command, stream)[0]
+        return read_output(self.command, stream)
+
+    def rows(self, stream: str = "stdout") -> list[tuple[int, bytes]]:
+        chunks = self.command.chunks.filter(stream=stream).order_by("offset")
+        return [(c.offset, bytes(c.data)) for c in chunks]
+
+    def send(self, data: bytes, size: int, stream: str = "stdout") -> None:
+        """`data` as an agent sends it: chunks of `size` bytes at their offsets."""
+        for offset in range(0, len(data), size):
+            self.apply(Chunk(stream, data[offset : offset + size], offset))
 
     def test_it_stores_chunks_in_order(self) -> None:
         self.apply(Chunk("stdout", b"hello ", 0))
@@ -98,32 +117,149 @@ class ApplyChunksTestCase(BaseTestCase):
         self.assertEqual(self.command.stdout_end, 0)
 
     @override_settings(MAX_OUTPUT_BYTES=8)
-    def test_it_truncates_at_the_cap_and_keeps_counting(self) -> None:
-        self.apply(Chunk("stdout", b"12345", 0))
-        self.apply(Chunk("stdout", b"67890", 5), Chunk("stderr", b"abc", 0))
+    def test_it_keeps_the_head_and_the_tail_past_the_cap(self) -> None:
+        self.send(b"0123456789ab", 3)
 
-        self.assertEqual(self.stored("stdout"), b"12345678")
-        self.assertEqual(self.stored("stderr"), b"")
+        self.assertEqual(self.stored(), b"0123" + dropped_marker(4).encode() + b"89ab")
         self.command.refresh_from_db()
         self.assertTrue(self.command.truncated)
+        self.assertEqual(self.command.stdout_dropped, 4)
         self.assertEqual(self.command.stored_bytes, 8)
-        # The logical ends go on: the agent is not asked to resend what was dropped.
-        self.assertEqual(self.command.stdout_end, 10)
-        self.assertEqual(self.command.stderr_end, 3)
+        # The logical end goes on: the agent is not asked to resend what was dropped.
+        self.assertEqual(self.command.stdout_end, 12)
 
-    @override_settings(MAX_OUTPUT_BYTES=4)
-    def test_it_accepts_chunks_after_the_cap_without_a_gap(self) -> None:
-        self.apply(Chunk("stdout", b"123456", 0))
-        self.apply(Chunk("stdout", b"789", 6))
+    @override_settings(MAX_OUTPUT_BYTES=8)
+    def test_the_tail_rolls_and_storage_stays_within_the_cap(self) -> None:
+        data = bytes(range(65, 65 + 40))
+        for offset in range(0, len(data), 3):
+            self.apply(Chunk("stdout", data[offset : offset + 3], offset))
+            stored = sum(len(chunk) for _, chunk in self.rows())
+            self.assertLessEqual(stored, 8)
+            self.assertEqual(stored, self.command.stored_bytes)
 
-        self.assertEqual(self.stored(), b"1234")
-        self.assertEqual(self.command.stdout_end, 9)
-        self.assertEqual(self.command.stored_bytes, 4)
+        self.assertEqual(b"".join(chunk for offset, chunk in self.rows() if offset < 4), data[:4])
+        self.assertEqual(b"".join(chunk for offset, chunk in self.rows() if offset >= 4), data[-4:])
+        self.assertEqual(self.command.stdout_dropped, 32)
+
+    @override_settings(MAX_OUTPUT_BYTES=8)
+    def test_the_marker_says_exactly_how_many_bytes_were_dropped(self) -> None:
+        self.apply(Chunk("stdout", b"x" * 12_345_678 + b"error: disk full\n", 0))
+
+        text = output_text(self.command, "stdout")
+        self.assertEqual(text, "xxxx\n[... 12,345,687 bytes dropped ...]\null\n")
+        self.assertEqual(self.command.stdout_dropped, 12_345_687)
+
+    @override_settings(MAX_OUTPUT_BYTES=8)
+    def test_it_treats_a_resend_after_the_cap_as_a_no_op(self) -> None:
+        self.send(b"0123456789ab", 4)
+        before = (self.rows(), self.command.stored_bytes, self.command.stdout_dropped)
+
+        self.apply(Chunk("stdout", b"4567", 4))  # dropped bytes, sent again
+        self.apply(Chunk("stdout", b"89ab", 8))  # tail bytes, sent again
+        self.apply(Chunk("stdout", b"0123456789ab", 0))  # all of it
+
+        self.assertEqual(
+            (self.rows(), self.command.stored_bytes, self.command.stdout_dropped), before
+        )
+        self.assertEqual(self.command.stdout_end, 12)
+
+    @override_settings(MAX_OUTPUT_BYTES=8)
+    def test_it_refuses_a_gap_after_the_cap(self) -> None:
+        self.send(b"0123456789ab", 4)
+
+        with self.assertRaises(Conflict) as caught:
+            self.apply(Chunk("stdout", b"zz", 13))
+
+        self.assertEqual(caught.exception.extra["expected"], {"stdout": 12, "stderr": 0})
+        self.assertEqual(self.stored(), b"0123" + dropped_marker(4).encode() + b"89ab")
+
+    @override_settings(MAX_OUTPUT_BYTES=8)
+    def test_output_that_fits_exactly_is_whole(self) -> None:
+        self.send(b"01234567", 3)
+
+        self.assertEqual(self.stored(), b"01234567")
+        self.assertFalse(self.command.truncated)
+        self.assertEqual(self.command.stdout_dropped, 0)
+
+    @override_settings(MAX_OUTPUT_BYTES=8)
+    def test_one_byte_past_the_cap_drops_one_byte(self) -> None:
+        self.send(b"012345678", 3)
+
+        self.assertEqual(self.stored(), b"0123" + dropped_marker(1).encode() + b"5678")
+        self.assertEqual(self.command.stdout_dropped, 1)
         self.assertTrue(self.command.truncated)
 
-    @override_settings(MAX_OUTPUT_BYTES=5)
-    def test_it_does_not_truncate_output_that_fits_exactly(self) -> None:
-        self.apply(Chunk("stdout", b"12345", 0))
+    @override_settings(MAX_OUTPUT_BYTES=8)
+    def test_a_chunk_across_the_head_end_is_split_there(self) -> None:
+        self.apply(Chunk("stdout", b"012345", 0))  # crosses the head's end (4)
 
-        self.assertFalse(self.command.truncated)
-        self.assertEqual(self.stored(), b"12345")
+        self.assertEqual(self.rows(), [(0, b"0123"), (4, b"45")])
+        self.assertEqual(self.stored(), b"012345")
+
+        self.apply(Chunk("stdout", b"6789abcdef", 6))
+
+        self.assertEqual(self.rows(), [(0, b"0123"), (12, b"cdef")])
+
+    @override_settings(MAX_OUTPUT_BYTES=8)
+    def test_a_stored_chunk_across_the_tail_start_keeps_its_tail_part(self) -> None:
+        self.apply(Chunk("stdout", b"0123", 0))
+        self.apply(Chunk("stdout", b"4567", 4))
+        self.apply(Chunk("stdout", b"89", 8))  # the tail now starts at 6, inside [4, 8)
+
+        self.assertEqual(self.rows(), [(0, b"0123"), (6, b"67"), (8, b"89")])
+        self.assertEqual(self.command.stored_bytes, 8)
+        self.assertEqual(self.stored(), b"0123" + dropped_marker(2).encode() + b"6789")
+
+    @override_settings(MAX_OUTPUT_BYTES=8)
+    def test_each_stream_keeps_its_own_head_and_tail(self) -> None:
+        self.apply(Chunk("stderr", b"warn\n", 0))
+        self.send(b"o" * 100, 10)
+        self.apply(Chunk("stderr", b"fatal\n", 5))
+
+        self.assertEqual(self.stored("stdout"), b"oooo" + dropped_marker(92).encode() + b"oooo")
+        self.assertEqual(self.stored("stderr"), b"warn" + dropped_marker(3).encode() + b"tal\n")
+        self.assertEqual((self.command.stdout_dropped, self.command.stderr_dropped), (92, 3))
+        self.assertEqual(self.command.stored_bytes, 16)
+
+    @override_settings(MAX_OUTPUT_BYTES=8)
+    def test_whole_output_sent_again_at_the_end_keeps_the_same_head_and_tail(self) -> None:
+        # The older dialect: progress without offsets, then a final result carrying it all.
+        self.apply(Chunk("stdout", b"0123456"))
+        discard_output(self.command)
+        self.apply(Chunk("stdout", b"0123456789ab"))
+
+        self.assertEqual(self.stored(), b"0123" + dropped_marker(4).encode() + b"89ab")
+        self.assertEqual(self.command.stdout_dropped, 4)
+        self.assertEqual(self.command.stored_bytes, 8)
+
+    @override_settings(MAX_OUTPUT_BYTES=8)
+    def test_a_character_cut_by_the_drop_reads_as_its_replacement(self) -> None:
+        # "é" is two bytes, "€" three: the head ends in the first of é, the tail starts in €.
+        self.send("abcé".encode() + b"xxxx" + "€yz".encode(), 5)
+
+        text = output_text(self.command, "stdout")
+        self.assertEqual(text, "abc\ufffd" + dropped_marker(6) + "\ufffd\ufffdyz")
+
+    def test_any_chunking_and_resending_stores_the_same_head_and_tail(self) -> None:
+        data = bytes(random.Random(13).randrange(256) for _ in range(300))
+        for cap in (0, 1, 7, 64, 300, 1000):
+            with self.subTest(cap=cap), self.settings(MAX_OUTPUT_BYTES=cap):
+                rng = random.Random(cap)
+                discard_output(self.command)
+                sent = 0
+                while sent < len(data):
+                    start = max(0, sent - rng.randrange(8))  # some overlap: resent bytes
+                    size = rng.randrange(1, 40)
+                    self.apply(Chunk("stdout", data[start : start + size], start))
+                    sent = max(sent, start + size)
+
+                head, dropped = cap // 2, max(0, len(data) - cap)
+                expected = data
+                if dropped:
+                    marker = dropped_marker(dropped).encode()
+                    expected = data[:head] + marker + data[head + dropped :]
+                self.assertEqual(self.stored(), expected)
+                self.assertEqual(self.command.stdout_dropped, dropped)
+                self.assertEqual(self.command.stored_bytes, min(len(data), cap))
+                stored = sum(len(chunk) for _, chunk in self.rows())
+                self.assertEqual(stored, self.command.stored_bytes)

@@ -50,7 +50,7 @@ class RegisterTestCase(BaseTestCase):
         config = body["config"]
         for key in ("heartbeat_interval", "poll_interval", "long_poll_timeout"):
             self.assertGreater(config[key], 0)
-        self.assertEqual(config["max_output_bytes"], settings.MAX_OUTPUT_BYTES)
+        self.assertEqual(config["max_output_bytes"], 2 * settings.MAX_OUTPUT_BYTES)
 
     def test_it_stores_credentials_hashed_and_encrypted(self) -> None:
         body = self.register().json()

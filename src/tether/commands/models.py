@@ -41,6 +41,10 @@ class Command(models.Model):
     stdout_end = models.BigIntegerField(default=0)
     stderr_end = models.BigIntegerField(default=0)
     stored_bytes = models.BigIntegerField(default=0)
+    # Bytes of each stream dropped between its head and its tail (output.apply_chunks).
+    stdout_dropped = models.BigIntegerField(default=0)
+    stderr_dropped = models.BigIntegerField(default=0)
+    # Output was dropped: by the server (the counts above) or by the agent before sending.
     truncated = models.BooleanField(default=False)
     cancel_requested = models.BooleanField(default=False)
     # When the agent was last told to cancel: told again every CANCEL_RESEND seconds, so a

@@ -169,11 +169,12 @@ def _console_context(command: Command) -> dict[str, Any]:
 @login_required
 @require_GET
 def command_raw(request: HttpRequest, command_id: int, stream: str) -> HttpResponse:
-    """The stored bytes of one stream, as a download (never rendered by the browser)."""
+    """The stored bytes of one stream, as a download (never rendered by the browser), with
+    the dropped marker where the middle of a long stream was dropped."""
     command = get_object_or_404(commands_visible_to(request.user), pk=command_id)
     if stream not in ("stdout", "stderr"):
         return HttpResponse(status=404)
-    data, _ = output.read_output(command, stream)
+    data = output.read_output(command, stream)
     response = HttpResponse(data, content_type="application/octet-stream")
     response["Content-Disposition"] = f'attachment; filename="command-{command.pk}.{stream}"'
     return response

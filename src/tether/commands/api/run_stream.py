@@ -16,6 +16,7 @@ from tether.sse import Pause, event, open_stream
 
 from .. import runs, states
 from ..models import Command, OutputChunk, Run
+from ..output import dropped_marker
 from ..selectors import runs_visible_to
 
 
@@ -80,16 +81,32 @@ async def run_events(run_id: int) -> AsyncIterator[str]:
                 last_ids[command_id] = max(last_ids.get(command_id, 0), chunk_id)
                 key = (command_id, stream)
                 already = sent.get(key, 0)
+                decoder = decoders.setdefault(key, codecs.getincrementaldecoder("utf-8")("replace"))
+                agent, host = hosts.get(command_id, (None, ""))
                 if offset > already:
-                    continue  # a gap: its bytes are not stored yet; read again next time
+                    # Chunks of a command commit in offset order, so a hole is not bytes
+                    # still to come: they were dropped past the output cap before this
+                    # client read them. The marker stands for them (docs/runs.md).
+                    dropped = offset - already
+                    yield event(
+                        "output",
+                        {
+                            "command": command_id,
+                            "agent": agent,
+                            "hostname": host,
+                            "stream": stream,
+                            "offset": already,
+                            "data": decoder.decode(b"", final=True) + dropped_marker(dropped),
+                            "dropped": dropped,
+                        },
+                    )
+                    already = offset
                 data = bytes(data)[already - offset :]
                 if not data:
                     continue
                 sent[key] = already + len(data)
-                decoder = decoders.setdefault(key, codecs.getincrementaldecoder("utf-8")("replace"))
                 text = decoder.decode(data)
                 if text:
-                    agent, host = hosts.get(command_id, (None, ""))
                     yield event(
                         "output",
                         {

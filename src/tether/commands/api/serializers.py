@@ -30,6 +30,8 @@ class CommandSummarySerializer(serializers.ModelSerializer):
             "exit_code",
             "error",
             "truncated",
+            "stdout_dropped",
+            "stderr_dropped",
             "cancel_requested",
             "run",
             "created_by",
@@ -42,7 +44,8 @@ class CommandSummarySerializer(serializers.ModelSerializer):
 
 
 class CommandSerializer(CommandSummarySerializer):
-    """A command as read (DESIGN §4): output decoded to text."""
+    """A command as read (DESIGN §4): output decoded to text, with the dropped marker where
+    the middle of a long stream was dropped."""
 
     stdout = serializers.SerializerMethodField()
     stderr = serializers.SerializerMethodField()

@@ -1,7 +1,10 @@
 """`GET /api/commands/{id}/stream/`: a command's output as Server-Sent Events.
 
 Events: `output` ({stream, offset, data}) as chunks arrive, `status` when the state changes,
-then `end` with the final command (status, exit code) and the stream closes.
+then `end` with the final command (status, exit code) and the stream closes. Where bytes of a
+stream were dropped before this client read them (past the output cap), one `output` event
+carries the dropped marker as its data, with `dropped` (the byte count) and the offset where
+the hole starts.
 """
 
 import codecs
@@ -17,6 +20,7 @@ from tether.sse import Pause, event, open_stream
 
 from .. import states
 from ..models import Command, OutputChunk
+from ..output import dropped_marker
 from ..selectors import commands_visible_to
 
 
@@ -51,6 +55,20 @@ async def _events(command_id: int) -> AsyncIterator[str]:
         while True:
             snap = await run_db(_snapshot, command_id, offsets)
             for stream, offset, data in snap.chunks:
+                if offset > offsets[stream]:
+                    # Dropped before this client read it: the cut character (if any), then
+                    # the marker; the tail is decoded afresh.
+                    dropped = offset - offsets[stream]
+                    text = decoders[stream].decode(b"", final=True) + dropped_marker(dropped)
+                    yield event(
+                        "output",
+                        {
+                            "stream": stream,
+                            "offset": offsets[stream],
+                            "data": text,
+                            "dropped": dropped,
+                        },
+                    )
                 offsets[stream] = offset + len(data)
                 text = decoders[stream].decode(data)
                 if text:
@@ -73,6 +91,8 @@ async def _events(command_id: int) -> AsyncIterator[str]:
                         "status": command.status,
                         "exit_code": command.exit_code,
                         "truncated": command.truncated,
+                        "stdout_dropped": command.stdout_dropped,
+                        "stderr_dropped": command.stderr_dropped,
                         "error": command.error,
                     },
                 )
