@@ -87,13 +87,14 @@ class SchemaErrorsTestCase(TestCase):
             ("/api/agents/{id}/send_command/", "post"): {"400", "401", "403", "404", "409", "413"},
             ("/api/agents/", "get"): {"400", "401", "403", "404"},
             ("/api/commands/{id}/", "get"): {"401", "403", "404"},
-            ("/api/servers/", "post"): {"400", "401", "403", "413"},
+            ("/api/runs/", "post"): {"400", "401", "403", "404", "413"},  # targets by id
             ("/api/auth/token/", "post"): {"400", "413", "429"},
-            ("/api/agents/register/", "post"): {"400", "413", "429"},
+            ("/api/agents/register/", "post"): {"400", "401", "413", "429"},
             ("/api/agents/command/{command_id}/result/", "post"): {
                 "400",
                 "401",
                 "404",
+                "409",
                 "413",
                 "429",
             },

@@ -101,13 +101,13 @@ class TetherAutoSchema(AutoSchema):
         codes = []
         if self.takes_body() or query:
             codes.append(400)  # malformed or unknown input, in the body or the query
-        if credentials:
-            codes.append(401)
-            if not agent:
-                codes.append(403)  # a session's CSRF check, staff-only actions
-        if self.names_an_object() or "page" in query:
-            codes.append(404)  # someone else's object (or none); a page past the end
-        if self.method in UNSAFE and self.names_an_object() and not agent:
+        if credentials or agent and self.takes_body():
+            codes.append(401)  # (registration: the server token is the credential)
+        if credentials and not agent:
+            codes.append(403)  # a session's CSRF check, staff-only actions
+        if self.names_an_object() or "page" in query or self.takes_body() and credentials:
+            codes.append(404)  # someone else's object (a body names some); a page past the end
+        if self.method in UNSAFE and self.names_an_object():
             codes.append(409)
         if self.takes_body():
             codes.append(413)
