@@ -249,7 +249,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 100,
     "EXCEPTION_HANDLER": "tether.errors.exception_handler",
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "tether.schema.TetherAutoSchema",
     "DEFAULT_THROTTLE_RATES": {"register": REGISTER_RATE},
     # Throttles key on the peer address; X-Forwarded-For counts only behind this many proxies.
     "NUM_PROXIES": env_int("TETHER_NUM_PROXIES", 0),
@@ -259,6 +259,12 @@ SPECTACULAR_SETTINGS = {
     "TITLE": "Tether API",
     "DESCRIPTION": "Control plane for fleets of Linux servers.",
     "VERSION": "0.1.0",
+    # Its module describes the views DRF does not serve (the poll, the streams, agent files).
+    "DEFAULT_GENERATOR_CLASS": "tether.schema_views.SchemaGenerator",
+    # Request bodies apart from answers: what a client may send (write-only fields, unknown
+    # fields refused) is not what it reads back.
+    "COMPONENT_SPLIT_REQUEST": True,
+    "SERVE_INCLUDE_SCHEMA": False,
     "ENUM_NAME_OVERRIDES": {
         "CommandStatusEnum": "tether.commands.models.Command.Status",
         "CommandKindEnum": "tether.commands.models.Command.Kind",

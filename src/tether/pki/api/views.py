@@ -151,7 +151,7 @@ class CheckStatusSchema(APIView):
     @extend_schema(
         operation_id="agents_check_status_create",
         request=None,
-        responses={200: STATUS_CHECK, 404: OpenApiResponse(description="not your agent")},
+        responses={200: STATUS_CHECK},
         tags=["agents"],
     )
     def post(self, request: Request, agent_id: int) -> Response:
