@@ -112,6 +112,7 @@ ROUTES: dict[str, Route] = {
     # Human API
     "api/auth/tokens/": api("GET", "POST", mine=True, body={"name": "n"}),
     "api/auth/tokens/{pk}/": api("DELETE", pk="token"),
+    "api/audit/": api("GET", mine=True),  # each sees their own events (staff: all)
     "api/agents/": api("GET"),
     "api/agents/{pk}/": api("GET", "PATCH", pk="agent", body={"tags": ["b"]}),
     "api/servers/": api("GET", "POST", mine=True, body={"name": "new", "host": "10.1.1.1"}),
@@ -179,6 +180,7 @@ ROUTES: dict[str, Route] = {
     "templates/{template_id}/": page("GET", template_id="template"),
     "templates/{template_id}/delete/": page("POST", template_id="template"),
     "account/tokens/": page("GET"),
+    "audit/": page("GET"),
     "account/tokens/{token_id}/revoke/": page("POST", token_id="token"),
 }
 
