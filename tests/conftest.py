@@ -317,8 +317,10 @@ class AgentProcess:
         state_dir: Path,
         agent_file: Path = AGENT,
         extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         self.server = server
+        self.env = env or {}
         self.server_token = server_token
         self.state_dir = state_dir
         self.agent_file = agent_file
@@ -341,7 +343,7 @@ class AgentProcess:
                 "1",
                 *self.extra,
             ],
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
             log=self.log,
         )
         return self
