@@ -4,22 +4,32 @@ TCP proxy the test controls, and the ledger of what the suite compared (printed 
 Every fault runs real processes: `tether serve` under uvicorn and `agent/main.py`."""
 
 import contextlib
+import errno
+import importlib.util
+import os
+import resource
+import signal
 import socket
+import subprocess
 import tempfile
 import threading
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import pytest
 
 from tests.conftest import (
     ADMIN_PASSWORD,
+    AGENT,
     AgentProcess,
     Api,
     Fleet,
     TetherServer,
+    wait_for,
 )
 
 # Lease and long poll short enough that "longer than the lease" takes seconds; offline after
@@ -75,12 +85,14 @@ def numbered(prefix: str, first: int, last: int) -> bytes:
 
 def gated(marker: Path, parts: list[tuple[str, int]], gates: list[Path]) -> str:
     """A shell command that appends "run" to `marker`, then prints the numbered lines of each
-    part, waiting for the gate file before each part after the first: the test decides when
-    the command moves on (the command waits on a file, the test on a condition)."""
+    part, waiting for the gate file before each part after the first (and saying so with
+    `<gate>.reached`): the test decides when the command moves on (the command waits on a
+    file, the test on a condition)."""
     script = [f"echo run >> {marker}"]
     for index, (prefix, count) in enumerate(parts):
         if index:
-            script.append(f"while [ ! -e {gates[index - 1]} ]; do sleep 0.02; done")
+            gate = gates[index - 1]
+            script.append(f"touch {gate}.reached; while [ ! -e {gate} ]; do sleep 0.02; done")
         script.append(f"for i in $(seq 1 {count}); do echo {prefix}-$i; done")
     return "; ".join(script)
 
@@ -89,7 +101,101 @@ def fault_survived() -> None:
     LEDGER["faults"] += 1
 
 
-@pytest.fixture(scope="session")
+def agent_module() -> ModuleType:
+    """agent/main.py imported: its own client, signing and identity, for faults sent by hand."""
+    spec = importlib.util.spec_from_file_location("tether_agent_under_test", AGENT)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def register_by_hand(server: TetherServer, api: Api, state_dir: Path) -> dict:
+    """Register an agent as agent/main.py would and leave its credentials in `state_dir`: an
+    agent later started there is that agent, and has never polled."""
+    agent = agent_module()
+    _, host = api.post("/api/servers/", {"name": f"h-{uuid.uuid4().hex[:8]}", "host": "127.0.0.1"})
+    state_dir.mkdir(parents=True, exist_ok=True)
+    machine_id, instance_id = agent.machine_identity(str(state_dir))
+    status, reg = Api(server.url).post(
+        "/api/agents/register/",
+        {
+            "server_token": host["server_token"],
+            "hostname": "by-hand",
+            "version": agent.__version__,
+            "signing": "hmac-sha256",
+            "machine_id": machine_id,
+            "instance_id": instance_id,
+        },
+    )
+    assert status == 201, reg
+    creds = {k: reg[k] for k in ("agent_id", "server_id", "token", "secret_key")}
+    agent.save_credentials(str(state_dir), {**creds, "server": server.url})
+    return {**reg, "server_token": host["server_token"]}
+
+
+STOP_SECONDS = 40
+STOP_TEST = "test_a_server_stopped_for_40_s_comes_back_with_every_byte_and_no_double_run"
+STOP_LINES = 2000
+
+
+@pytest.fixture(autouse=True)
+def _stop_the_server_early(request: pytest.FixtureRequest) -> None:
+    """The 40 s SIGSTOP is the one slow fault: when its test is to run, the stop begins before
+    the first fault, and the others run meanwhile (its test, collected last, ends it)."""
+    if any(item.name == STOP_TEST for item in request.session.items):
+        request.getfixturevalue("stopped_server")
+
+
+@pytest.fixture(scope="package")
+def stopped_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimpleNamespace]:
+    """A server stopped (SIGSTOP) while its agent streams a command's output, just after a
+    second command was sent: what it was doing is frozen mid-way, its sockets stay open."""
+    tmp = tmp_path_factory.mktemp("stopped")
+    server = TetherServer(tmp / "data", FAULT_ENV).setup().start()
+    fleet = Fleet(server, server.login("admin", ADMIN_PASSWORD), tmp)
+    start_agent(fleet)
+    markers = tmp / "first.txt", tmp / "second.txt"
+    first = fleet.send(
+        f"echo run >> {markers[0]}; for i in $(seq 1 {STOP_LINES}); do echo line-$i; "
+        "[ $((i % 100)) = 0 ] && sleep 0.1; done; true"
+    )
+    wait_for(
+        lambda: stored_output(server, first["id"]).count(b"\n") >= 100,
+        what="part of the output stored",
+    )
+    # A second agent, registered but not yet running, has a command queued: nothing can
+    # have handed it out when the server stops.
+    state = tmp / "agent-b"
+    b = register_by_hand(server, fleet.api, state)
+    _, second = fleet.api.post(
+        f"/api/agents/{b['agent_id']}/send_command/",
+        {"command": f"echo run >> {markers[1]}; echo second"},
+    )
+    assert second["status"] == "queued", second
+    assert server.proc is not None
+    os.killpg(server.proc.pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    agent_b = AgentProcess(server, b["server_token"], state, extra=("--no-rpc",)).start()
+    stopped = SimpleNamespace(
+        server=server,
+        fleet=fleet,
+        first=first,
+        second=second,
+        agent_b=agent_b,
+        markers=markers,
+        stopped_at=stopped_at,
+    )
+    yield stopped
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server.proc.pid, signal.SIGCONT)
+    for agent in (fleet.agent_proc, agent_b):
+        if agent and agent.proc and agent.proc.poll() is None:
+            agent.kill()
+    server.kill()
+
+
+@pytest.fixture(scope="package")
 def fault_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TetherServer]:
     """One server with short lease and long poll, shared by the faults that do not kill it."""
     server = TetherServer(tmp_path_factory.mktemp("faults"), FAULT_ENV).setup().start()
@@ -97,7 +203,7 @@ def fault_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TetherSer
     server.kill()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def fault_api(fault_server: TetherServer) -> Api:
     return fault_server.login("admin", ADMIN_PASSWORD)
 
@@ -119,13 +225,16 @@ def start_agent(
     agent_file: Path | None = None,
     env: dict[str, str] | None = None,
 ) -> AgentProcess:
-    """A real agent for the fleet's host, reaching the server at `url` (a proxy) if given."""
+    """A real agent for the fleet's host, reaching the server at `url` (a proxy) if given;
+    its log is kept beside its state dir (which a fault may fill)."""
     server = SimpleNamespace(url=url) if url else fleet.server
     state = state_dir or Path(tempfile.mkdtemp(prefix="agent-", dir=fleet.tmp))
     kw: dict[str, Any] = {"extra": ("--no-rpc",), "env": env}
     if agent_file:
         kw["agent_file"] = agent_file
-    fleet.agent_proc = AgentProcess(server, fleet.server_token, state, **kw).start()
+    agent = AgentProcess(server, fleet.server_token, state, **kw)
+    agent.log = state.with_name(state.name + ".log")
+    fleet.agent_proc = agent.start()
     fleet.agent_id = fleet.wait_online()["id"]
     return fleet.agent_proc
 
@@ -215,3 +324,51 @@ class FaultProxy:
         if self.listener is not None:
             self.listener.close()
         self._drop_all()
+
+
+class SmallDisk:
+    """A state dir on a disk the test fills and frees. A 4 MiB tmpfs when the tests may mount
+    one (root): filling it makes every write that needs a block fail with ENOSPC. Otherwise the
+    agent's own RLIMIT_FSIZE set to 0 (prlimit), and back: every write that grows a file fails
+    as on a full disk, with EFBIG (children started meanwhile inherit the limit)."""
+
+    def __init__(self, path: Path, mount: bool = True) -> None:
+        path.mkdir()
+        self.path = path
+        self.filler = path / "filler"
+        self.mounted = mount and os.geteuid() == 0 and self._mount()
+        self.limited_pid: int | None = None
+
+    def _mount(self) -> bool:
+        argv = ["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(self.path)]
+        return subprocess.run(argv, capture_output=True).returncode == 0
+
+    @property
+    def how(self) -> str:
+        return "tmpfs filled (ENOSPC)" if self.mounted else "RLIMIT_FSIZE 0 (EFBIG)"
+
+    def fill(self, pid: int) -> None:
+        if not self.mounted:
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, (0, resource.RLIM_INFINITY))
+            self.limited_pid = pid
+            return
+        fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while True:
+                os.write(fd, b"\0" * 65536)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC, exc
+        finally:
+            os.close(fd)
+
+    def free(self) -> None:
+        if self.limited_pid is not None:
+            limits = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+            resource.prlimit(self.limited_pid, resource.RLIMIT_FSIZE, limits)
+            self.limited_pid = None
+        with contextlib.suppress(FileNotFoundError):
+            self.filler.unlink()
+
+    def close(self) -> None:
+        if self.mounted:
+            subprocess.run(["umount", "-l", str(self.path)], capture_output=True)

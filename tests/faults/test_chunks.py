@@ -3,25 +3,15 @@ signing, nonces and encoding): the server stores every byte once, in order, and 
 what is missing instead of storing a gap."""
 
 import base64
-import importlib.util
 import random
 import uuid
-from types import ModuleType
 
 import pytest
 
-from tests.conftest import AGENT, Api, TetherServer
-from tests.faults.conftest import assert_output, fault_survived, stored_output
+from tests.conftest import Api, TetherServer
+from tests.faults.conftest import agent_module, assert_output, fault_survived, stored_output
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
-
-
-def agent_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("tether_agent_under_test", AGENT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
