@@ -329,8 +329,10 @@ class AgentProcess:
         state_dir: Path,
         agent_file: Path = AGENT,
         extra: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
     ) -> None:
         self.server = server
+        self.env = env or {}
         self.server_token = server_token
         self.state_dir = state_dir
         self.agent_file = agent_file
@@ -353,7 +355,7 @@ class AgentProcess:
                 "1",
                 *self.extra,
             ],
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **self.env},
             log=self.log,
         )
         return self

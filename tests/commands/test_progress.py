@@ -2,9 +2,17 @@
 
 import base64
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+
+from django.utils import timezone
+
+from tether.commands.models import Command
 
 from ..base import BaseTestCase
+
+
+def seconds_ago(seconds: float) -> datetime:
+    return timezone.now() - timedelta(seconds=seconds)
 
 
 class ProgressTestCase(BaseTestCase):
@@ -25,6 +33,7 @@ class ProgressTestCase(BaseTestCase):
         self.assertEqual(read["stdout"], "hi\n")
 
     def test_an_empty_progress_acknowledges_the_command(self) -> None:
+        Command.objects.filter(pk=self.command.pk).update(delivered_at=seconds_ago(10))
         started = time.time() - 3
 
         self.progress(self.command.pk, started_at=started)
@@ -38,6 +47,18 @@ class ProgressTestCase(BaseTestCase):
 
         self.command.refresh_from_db()
         self.assertGreater(self.command.started_at.year, 1970)
+
+    def test_it_keeps_a_start_time_from_a_skewed_clock_between_delivery_and_now(self) -> None:
+        # An agent whose clock is 400 s behind (it signs with ours): a start before the
+        # delivery would put its report deadline in the past and the running command lost.
+        self.progress(self.command.pk, started_at=time.time() - 400)
+        self.command.refresh_from_db()
+        self.assertEqual(self.command.started_at, self.command.delivered_at)
+
+        ahead = self.delivered("ahead")
+        self.progress(ahead.pk, started_at=time.time() + 120)
+        ahead.refresh_from_db()
+        self.assertLessEqual(ahead.started_at, timezone.now())
 
     def test_it_is_served_on_the_plural_path_too(self) -> None:
         response = self.agent_post(f"/api/agents/commands/{self.command.pk}/progress/", {})

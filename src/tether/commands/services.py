@@ -271,7 +271,11 @@ def _locked_command(*, agent: Agent, command_id: int, with_run: bool = False) ->
 def _mark_running(command: Command, started_at: float | None) -> None:
     if command.status in (S.QUEUED, S.DELIVERED):
         command.status = S.RUNNING
-        command.started_at = _agent_time(started_at) or timezone.now()
+        # The agent's clock may be off (it signs with ours, not stamps): a command starts
+        # after it was handed out and before we hear of it, so its report deadline is ours.
+        now = timezone.now()
+        earliest = min(command.delivered_at or command.created_at, now)
+        command.started_at = min(max(_agent_time(started_at) or now, earliest), now)
         command.report_deadline = _report_deadline(command.started_at, command.timeout)
 
 
