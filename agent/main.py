@@ -430,6 +430,7 @@ class TlsError(TransientError):
 
 
 NONCE = re.compile(r"[A-Za-z0-9_-]{16,64}")
+CLOCK_TOLERANCE = 5  # seconds off the server's clock before signing with its time
 
 
 def request_signature(secret_key, method, path, timestamp, body, nonce=""):
@@ -576,7 +577,9 @@ class Client:
         except (TypeError, ValueError, AttributeError):
             return False
         offset = server_time - time.time()
-        if abs(offset - self.clock_offset) < 30:
+        # Well inside the server's future window (30 s by default), above the Date header's
+        # one-second grain and a slow answer's delay.
+        if abs(offset - self.clock_offset) < CLOCK_TOLERANCE:
             return False
         log("warn", "clock differs from the server's; signing with its time", offset_s=int(offset))
         self.clock_offset = offset
@@ -624,6 +627,7 @@ def register(agent):
                 "server_id": resp.data.get("server_id"),
                 "token": str(resp.data["token"]),
                 "secret_key": str(resp.data["secret_key"]),
+                "machine_id": body["machine_id"],
             }
             port = resp.data.get("rpc_port")
             if isinstance(port, int) and 0 < port <= 65535:
@@ -708,6 +712,10 @@ def _seconds(value):
 def handle_refused(agent, resp, backoff):
     """401: the token is revoked, rotated, or our clock is off. Only an operator-supplied server
     token may mint a new identity; otherwise keep trying in case the server recovers."""
+    if resp.error_code() == "replayed":  # a proxy sent our request twice: sign anew
+        log("warn", "server saw this request before", error=resp.error_message())
+        agent.stopping.wait(backoff.next_delay())
+        return
     log("warn", "server refused the agent's credentials", error=resp.error_message())
     if agent.client.adjust_clock(resp):
         return
@@ -1415,6 +1423,7 @@ class Sender:
             self.retry_later(run, "%s failed" % kind, exc)
             return None
         if resp.status == 401:
+            self.agent.client.adjust_clock(resp)  # the poll loop may not have met it yet
             self.retry_later(run, "%s refused: credentials" % kind, resp.error_message())
             return None
         if resp.status == 413 and run.chunk_limit > 4096:
@@ -2305,6 +2314,13 @@ def main(argv=None):
         return 2
     creds = load_credentials(args.state_dir)
     server = args.server or (creds or {}).get("server")
+    if creds and creds.get("machine_id") and args.server_token:
+        machine_id, _ = machine_identity(args.state_dir)
+        if machine_id != creds["machine_id"]:
+            # This state dir was copied to another host (or moved): its credentials belong
+            # to the agent it came from; this host registers as itself.
+            log("warn", "the state dir comes from another machine; registering as this one")
+            creds = None
     if not server:
         log("error", "no server URL: pass --server or set TETHER_SERVER")
         return 2

@@ -2,6 +2,7 @@
 machine identities they took the identity from each other every ~25 s, each takeover marking
 the other's running command lost. Now they are two agents that keep their own."""
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -42,3 +43,28 @@ def test_two_agents_with_one_hostname_keep_their_own_identity(fleet: Fleet) -> N
         assert registrations(second) == 1
     finally:
         second.kill()
+
+
+def test_a_copied_state_dir_registers_as_its_own_machine(fleet: Fleet) -> None:
+    """A host cloned with the agent's state dir in it (credentials included) must not share
+    the original's identity: the copy notices it is on another machine and registers."""
+    first = fleet.agent_proc
+    assert first is not None
+    copy = Path(tempfile.mkdtemp(prefix="clone-", dir=fleet.tmp)) / "state"
+    shutil.copytree(first.state_dir, copy, ignore=shutil.ignore_patterns("agent.log", "*.sock"))
+    clone = AgentProcess(fleet.server, fleet.server_token, copy).start()
+    try:
+
+        def two_online() -> list[dict] | None:
+            _, body = fleet.api.get(f"/api/agents/?server={fleet.server_id}")
+            online = [a for a in body["results"] if a["status"] == "online"]
+            return online if len(online) == 2 else None
+
+        agents = wait_for(two_online, timeout=30, what="the original and its copy online")
+        other = next(a["id"] for a in agents if a["id"] != fleet.agent_id)
+        assert fleet.run("echo original")["stdout"] == "original\n"
+        assert fleet.wait_final(fleet.send_to(other, "echo copy")["id"])["stdout"] == "copy\n"
+        assert registrations(first) == 1
+        assert "the state dir comes from another machine" in clone.log.read_text()
+    finally:
+        clone.kill()

@@ -271,7 +271,7 @@ def test_a_request_replayed_to_another_process_is_refused(pg_url: str, tmp_path:
         status, replay = Api(b.url, headers).get(path)
 
         assert status == 401, replay
-        assert replay["error"]["code"] == "authentication_failed"
+        assert replay["error"]["code"] == "replayed"
         _, command = admin.get(f"/api/commands/{queued['id']}/")
         assert command["status"] == "queued"
     finally:

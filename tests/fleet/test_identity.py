@@ -102,6 +102,19 @@ class MachineIdentityTestCase(BaseTestCase):
         self.assertEqual(upgraded.json()["agent_id"], old["agent_id"])
         self.assertEqual(Agent.objects.get(pk=old["agent_id"]).machine_id, MACHINE)
 
+    def test_an_online_agent_known_by_hostname_is_not_adopted_by_another_host(self) -> None:
+        old = self.register(machine_id="", instance_id="").json()
+        self.online(old["agent_id"])
+
+        other = self.register(machine_id="d" * 32)
+
+        self.assertError(other, 409, "identity_in_use")
+        self.assertEqual(Agent.objects.get(pk=old["agent_id"]).machine_id, "")
+
+    def test_a_machine_id_without_an_instance_id_is_refused(self) -> None:
+        # Else a blank instance would match nothing and everything.
+        self.assertError(self.register(instance_id=""), 400, "invalid")
+
     def test_agents_of_the_original_dialect_keep_their_hostname_identity(self) -> None:
         body = {"server_token": self.server_token, "hostname": "web-1", "version": "1.0"}
         response = self.post_json("/api/agents/register/", body, APIClient())

@@ -20,7 +20,13 @@ def fresh() -> str:
     return secrets.token_hex(16)
 
 
-class ReplayTestCase(SignedAgentTestCase):
+class ReplayedTestCase(SignedAgentTestCase):
+    def assertReplayed(self, response) -> None:
+        # Told apart from a bad credential: the agent signs again instead of registering again.
+        self.assertError(response, 401, "replayed")
+
+
+class ReplayTestCase(ReplayedTestCase):
     def test_a_replayed_request_is_refused_and_changes_nothing(self) -> None:
         body = b'{"version": "2.0.0"}'
         headers = self.headers("POST", HEARTBEAT, body, nonce=fresh())
@@ -30,7 +36,7 @@ class ReplayTestCase(SignedAgentTestCase):
 
         replay = self.post(HEARTBEAT, body, headers)
 
-        self.assertRefused(replay)
+        self.assertReplayed(replay)
         self.signed.refresh_from_db()
         self.assertEqual(self.signed.last_heartbeat, seen)
 
@@ -87,7 +93,7 @@ class ReplayTestCase(SignedAgentTestCase):
         self.assertEqual(AgentNonce.objects.count(), expected)
 
 
-class ReplayedPollTestCase(SignedAgentTestCase):
+class ReplayedPollTestCase(ReplayedTestCase):
     """The issue's case: a captured poll, replayed once a command is queued, took it."""
 
     def queue_and_tell(self) -> Command:
@@ -102,7 +108,7 @@ class ReplayedPollTestCase(SignedAgentTestCase):
 
         replay = await AsyncClient().get(POLL, headers=headers)
 
-        self.assertRefused(replay)
+        self.assertReplayed(replay)
         await command.arefresh_from_db()
         self.assertEqual(command.status, Command.Status.QUEUED)
         # The agent's own next poll, with a fresh nonce, gets it at once.

@@ -37,11 +37,11 @@ from tether.fleet import guard, heartbeats, nonces
 from tether.fleet import services as fleet_services
 from tether.fleet.agent_views import address_of
 from tether.fleet.authentication import (
-    REFUSAL,
     Credential,
     cached_credential,
     check_credentials,
     credential_for,
+    replayed,
     require_nonces,
 )
 from tether.fleet.models import Agent
@@ -242,7 +242,7 @@ async def _credential(request: PollRequest) -> tuple[Credential, "asyncio.Future
         return credential, None
     verdict = nonces.check_soon(credential.agent.pk, nonce, timestamp)
     if verdict is False:
-        raise exceptions.AuthenticationFailed(REFUSAL)
+        raise replayed()
     if not credential.agent.sends_nonces:
         await run_db(require_nonces, credential)
     return credential, (None if verdict is True else verdict)
@@ -296,11 +296,12 @@ async def _guarded_answer(request: PollRequest, waiter: wakeups.Waiter) -> tuple
         return _error(exc)
 
 
-async def _unreplayed(pending: "asyncio.Future[bool] | None") -> None:
-    """Before the poll takes work or answers: its nonce must be new to every process (a
-    replay must not take work); at once when that is already known."""
-    if not await nonces.confirmed(pending):
-        raise exceptions.AuthenticationFailed(REFUSAL)
+async def _unreplayed(pending: "asyncio.Future[bool] | None", *, hurry: bool = True) -> None:
+    """Before the poll counts as a sign of life, takes work or answers: its nonce must be new
+    to every process (a replay must neither take work nor keep a dead agent online); at
+    once when that is already known."""
+    if not await nonces.confirmed(pending, hurry=hurry):
+        raise replayed()
 
 
 async def _answer(
@@ -320,9 +321,10 @@ async def _answer(
         hub.taking(agent.pk)
         delivery = await run_db(_open, agent, version, rpc_port, request.peer)
     else:
+        # An idle poll's nonce may wait for its batch: the poll is held anyway.
+        await _unreplayed(pending, hurry=hub.may_have_work(agent.pk))
         heartbeats.note(agent.pk)
         if hub.may_have_work(agent.pk):
-            await _unreplayed(pending)
             delivery = await hub.claim(agent.pk)
     deadline = time.monotonic() + wait
     with metrics.HELD_POLLS.track_inprogress():

@@ -40,6 +40,11 @@ class RegisterInput(serializers.Serializer):
     machine_id = serializers.RegexField(IDENTITY, required=False, allow_blank=True, default="")
     instance_id = serializers.RegexField(IDENTITY, required=False, allow_blank=True, default="")
 
+    def validate(self, data: dict) -> dict:
+        if data.get("machine_id") and not data.get("instance_id"):
+            raise serializers.ValidationError({"instance_id": "required with machine_id"})
+        return data
+
 
 class RegisterView(APIView):
     """Exchange a server token for agent credentials (throttled per address)."""

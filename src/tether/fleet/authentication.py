@@ -20,6 +20,13 @@ from . import credentials, nonces
 from .models import Agent
 
 REFUSAL = "Invalid or missing agent credentials."
+# A replay is told apart (its sender proved it holds the key, or replayed what did): an agent
+# that meets it (a proxy that retried its request) signs again rather than registering again.
+REPLAYED = "This request was seen before (its nonce is used): sign it again with a new nonce."
+
+
+def replayed() -> exceptions.AuthenticationFailed:
+    return exceptions.AuthenticationFailed(REPLAYED, code="replayed")
 
 
 class AgentTokenAuthentication(BaseAuthentication):
@@ -52,7 +59,7 @@ def authenticate_agent(request: HttpRequest) -> Agent:
     )
     if nonce:
         if not nonces.remember(credential.agent.pk, nonce, timestamp):
-            raise exceptions.AuthenticationFailed(REFUSAL)
+            raise replayed()
         if not credential.agent.sends_nonces:
             require_nonces(credential)
     # A copy: a view may change its agent; the cached one stays as the database has it.

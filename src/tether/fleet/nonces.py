@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import threading
 import time
+import weakref
 from collections import deque
 
 from django.conf import settings
@@ -24,10 +25,10 @@ from tether.db import run_db
 
 from .models import AgentNonce
 
-# Signed requests a process remembers at most; far above a fleet's rate times the window
-# (10,000 agents polling every 25 s for 300 s: 120,000). Past it the oldest are forgotten
-# early, and the shared record still holds them on PostgreSQL.
-LOCAL_MAX = 1_000_000
+# Signed requests a process remembers at most (about 300 bytes each): above a fleet's rate
+# times the window (10,000 agents polling every 25 s for 300 s: 120,000). Past it the oldest
+# are forgotten early, and the shared record still holds them on PostgreSQL.
+LOCAL_MAX = 300_000
 BATCH = 500
 # How long a poll's nonce may wait for others to share its INSERT (the poll is held anyway).
 BATCH_DELAY = 0.1
@@ -40,7 +41,8 @@ _lock = threading.Lock()
 def expiry(timestamp: str) -> int:
     """When a nonce signed at `timestamp` may be forgotten: its request is then refused by the
     window anyway."""
-    return int(timestamp) + settings.SIGNATURE_WINDOW + 1
+    # With a margin for hosts whose clocks differ from the one that sweeps the shared record.
+    return int(timestamp) + settings.SIGNATURE_WINDOW + settings.SIGNATURE_FUTURE + 1
 
 
 def _first_here(agent_id: int, nonce: str, expires: int) -> bool:
@@ -86,30 +88,23 @@ def remember(agent_id: int, nonce: str, timestamp: str) -> bool:
 
 class _Batcher:
     """The shared INSERTs of one event loop's polls, gathered for up to BATCH_DELAY: a held
-    poll needs its nonce confirmed only before it hands out work or answers, so an idle
-    fleet's polls go in a few statements a second. A poll about to act hurries the batch."""
+    poll needs its nonce confirmed only before it counts, hands out work or answers, so an
+    idle fleet's polls go in a few statements a second. A poll about to act hurries it."""
 
     def __init__(self) -> None:
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    def _ensure(self) -> asyncio.AbstractEventLoop:
-        loop = asyncio.get_running_loop()
-        if loop is not self.loop:  # a new loop (tests): nothing of the old one carries over
-            self.loop, self.task, self.hurry = loop, None, asyncio.Event()
-            self.pending: list[tuple[tuple[int, str, int], asyncio.Future[bool]]] = []
-        return loop
+        self.pending: list[tuple[tuple[int, str, int], asyncio.Future[bool]]] = []
+        self.task: asyncio.Task | None = None
+        self.hurry = asyncio.Event()
 
     def submit(self, row: tuple[int, str, int]) -> "asyncio.Future[bool]":
-        loop = self._ensure()
+        loop = asyncio.get_running_loop()
         future = loop.create_future()
+        # A poll that left before its answer never reads it: the error is read here instead.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.pending.append((row, future))
         if self.task is None or self.task.done():
             self.task = loop.create_task(self.drain())
         return future
-
-    def hurry_up(self) -> None:
-        self._ensure()
-        self.hurry.set()
 
     async def drain(self) -> None:
         while self.pending:
@@ -129,7 +124,18 @@ class _Batcher:
                     future.set_result((agent_id, nonce) in fresh)
 
 
-_batcher = _Batcher()
+# One per event loop (`tether serve` runs one; in-process tests start several).
+_batchers: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Batcher]" = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _batcher() -> _Batcher:
+    loop = asyncio.get_running_loop()
+    batcher = _batchers.get(loop)
+    if batcher is None:
+        batcher = _batchers[loop] = _Batcher()
+    return batcher
 
 
 def check_soon(agent_id: int, nonce: str, timestamp: str) -> "bool | asyncio.Future[bool]":
@@ -141,15 +147,17 @@ def check_soon(agent_id: int, nonce: str, timestamp: str) -> "bool | asyncio.Fut
         return False
     if not _shared():
         return True
-    return _batcher.submit((agent_id, nonce, expires))
+    return _batcher().submit((agent_id, nonce, expires))
 
 
-async def confirmed(pending: "asyncio.Future[bool] | None") -> bool:
-    """Whether a nonce from `check_soon` was new everywhere; at once if already known."""
+async def confirmed(pending: "asyncio.Future[bool] | None", *, hurry: bool = True) -> bool:
+    """Whether a nonce from `check_soon` was new everywhere; at once if already known.
+    `hurry`: send the batch now (the caller is about to hand out work) rather than after its
+    BATCH_DELAY."""
     if pending is None:
         return True
-    if not pending.done():
-        _batcher.hurry_up()
+    if hurry and not pending.done():
+        _batcher().hurry.set()
     return await pending
 
 

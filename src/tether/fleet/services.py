@@ -173,21 +173,25 @@ def register_agent(
     registering again revokes the old token and secret at once. The identity is the machine
     id when the agent sends one (DESIGN §6), else the hostname (the original dialect).
 
-    Another install with the same machine identity (a cloned host) is refused while the
-    agent it would displace is alive, so two hosts never take the identity from each other;
-    once that agent is gone, the newcomer takes its place. The apps above hear of it
+    Another install with the same machine identity (a cloned host), or one adopting an agent
+    known by hostname, is refused while the agent it would displace is online, so two hosts
+    never take the identity from each other; once that agent is gone, the newcomer takes its
+    place. The apps above hear of it
     (agent_registered): what a replaced install was running is lost (not what the same
     install, registering again, still runs), a new identity gets a certificate."""
     agent = _registered_agent(server, hostname, machine_id)
-    clone = bool(machine_id) and agent is not None and agent.instance_id not in ("", instance_id)
-    if clone and agent_is_online(agent):
+    # The same install: its state dir's own id matches (an id never recorded proves nothing).
+    same_install = (
+        agent is not None and bool(agent.instance_id) and agent.instance_id == instance_id
+    )
+    if machine_id and agent is not None and not same_install and agent_is_online(agent):
         raise Conflict(
-            f"Agent {agent.pk} ({agent.hostname}) has this machine identity and is online: "
+            f"Agent {agent.pk} ({agent.hostname}) has this identity and is online: "
             "is this host a clone? Give it its own /etc/machine-id "
             "(systemd-machine-id-setup) or another state dir.",
             code="identity_in_use",
         )
-    replaced = agent is not None and (not machine_id or agent.instance_id != instance_id)
+    replaced = agent is not None and not same_install
     token = credentials.new_agent_token()
     secret_key = credentials.new_secret_key()
     fields = {
