@@ -158,3 +158,10 @@ class NestedJsonTestCase(BaseTestCase):
             with self.subTest(url=url):
                 response = client.post(url, body, content_type="application/json")
                 self.assertError(response, 400)
+
+    def test_nesting_is_bounded_well_below_what_the_decoder_allows(self) -> None:
+        deep = {"command": "true", "args": ["x"], "extra": json.loads("[" * 33 + "]" * 33)}
+        response = self.post_json(f"/api/agents/{self.agent.pk}/send_command/", deep)
+        self.assertError(response, 400)
+        self.assertIn("nested deeper than 32", response.json()["error"]["message"])
+        self.assertFalse(Command.objects.filter(agent=self.agent).exists())
