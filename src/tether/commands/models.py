@@ -1,8 +1,18 @@
+from datetime import datetime, timedelta
+
 from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
 from tether.fleet.models import Agent
+
+
+def expiry_from(moment: datetime) -> datetime | None:
+    """When a command that enters the queue at `moment` expires if no agent takes it
+    (TETHER_COMMAND_EXPIRE; None when that is 0: it waits for its agent forever)."""
+    if settings.COMMAND_EXPIRE <= 0:
+        return None
+    return moment + timedelta(seconds=settings.COMMAND_EXPIRE)
 
 
 class Command(models.Model):
@@ -22,6 +32,8 @@ class Command(models.Model):
         LOST = "lost"
         # A run's target whose agent was offline when the run started (`offline: skip`).
         SKIPPED = "skipped"
+        # Queued for longer than COMMAND_EXPIRE: its agent never came for it.
+        EXPIRED = "expired"
 
     class Kind(models.TextChoices):
         SHELL = "shell"
@@ -67,6 +79,9 @@ class Command(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     delivered_at = models.DateTimeField(null=True, blank=True)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
+    # Set when the command enters the queue (a run's target: when it is released): still
+    # queued past it, the sweep ends it `expired`. None: it waits for its agent forever.
+    expires_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
@@ -80,6 +95,10 @@ class Command(models.Model):
             # An agent's history, newest first, read from the index instead of sorting all of
             # the agent's commands (15 ms at 5,000 commands, for every history read).
             models.Index(fields=["agent", "created_at", "id"], name="command_agent_latest"),
+            # The expiry sweep's query reads only the queued commands past their expiry, in
+            # order, however many have ever run. (A partial index on queued rows would be
+            # smaller, but SQLite's planner does not pick it for a bound `status = ?`.)
+            models.Index(fields=["status", "expires_at"], name="command_status_expiry"),
         ]
 
     def __str__(self) -> str:

@@ -26,7 +26,7 @@ from tether.fleet.models import Agent
 from tether.fleet.services import agent_is_online, online_q
 
 from . import states
-from .models import Command, CommandTemplate, Run
+from .models import Command, CommandTemplate, Run, expiry_from
 from .selectors import counts_by_state
 
 S = Command.Status
@@ -210,7 +210,10 @@ def _release(run: Run, places: int) -> int:
         released += list(away[: places - len(released)])
     if released:
         ids = [pk for pk, _ in released]
-        Command.objects.filter(id__in=ids, status=S.HELD).update(status=S.QUEUED)
+        # A target's time in the queue counts from its release, not from the run's start.
+        Command.objects.filter(id__in=ids, status=S.HELD).update(
+            status=S.QUEUED, expires_at=expiry_from(timezone.now())
+        )
         wakeups.notify_on_commit(*{wakeups.agent_key(agent_id) for _, agent_id in released})
     return skipped
 

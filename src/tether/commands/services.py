@@ -12,7 +12,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import connection, transaction
-from django.db.models import F, Q, Window
+from django.db.models import F, Q, QuerySet, Window
 from django.db.models.functions import RowNumber
 from django.utils import timezone
 from rest_framework import exceptions
@@ -25,7 +25,7 @@ from tether.fleet.models import Agent
 from tether.fleet.services import offline_cutoff
 
 from . import command_templates, hooks, output, runs, states
-from .models import Command, CommandTemplate
+from .models import Command, CommandTemplate, expiry_from
 from .reports import Result
 
 S = Command.Status
@@ -55,6 +55,7 @@ def queue_command(
             created_by=user,
             deployment=deployment,
             payload_encrypted=payload_encrypted,
+            expires_at=expiry_from(timezone.now()),
         )
         audit(user=user, action="command.send", target=queued, agent=agent.pk)
         wakeups.notify_on_commit(wakeups.agent_key(agent.pk))
@@ -397,6 +398,39 @@ def mark_lost_commands() -> int:
     )
     wakeups.notify_on_commit(*[wakeups.command_key(command_id) for command_id in ids])
     runs.advance_runs(affected_runs)
+    return count
+
+
+# Commands one sweep expires at most: a backlog (a run's `wait` for thousands of agents that
+# never came back) drains over a few sweeps instead of holding the writer for one long UPDATE.
+EXPIRE_BATCH = 1000
+
+
+def past_expiry(now: datetime) -> QuerySet[Command]:
+    """Queued commands past their expiry, oldest first: read from the (status, expires_at)
+    index, so the sweep touches only them however many commands have ever run."""
+    return Command.objects.filter(status=S.QUEUED, expires_at__lt=now).order_by("expires_at")
+
+
+def expire_queued_commands() -> int:
+    """Queued commands past their `expires_at` end `expired`: their agent never came for them
+    (TETHER_COMMAND_EXPIRE). One indexed read and one UPDATE by id per sweep; their streams
+    end and their runs move on, as for a lost command. A delivered command never expires
+    (the agent has it: the lease and the lost sweep look after it)."""
+    now = timezone.now()
+    due = past_expiry(now)
+    rows = list(due.values_list("id", "run_id")[:EXPIRE_BATCH])
+    if not rows:
+        return 0
+    ids = [pk for pk, _ in rows]
+    # `due` again in the UPDATE: one handed out since the read is left alone.
+    count = due.filter(id__in=ids).update(
+        status=S.EXPIRED,
+        finished_at=now,
+        error="expired: no agent took the command while it was queued",
+    )
+    wakeups.notify_on_commit(*[wakeups.command_key(pk) for pk in ids])
+    runs.advance_runs({run_id for _, run_id in rows if run_id is not None})
     return count
 
 
