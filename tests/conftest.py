@@ -149,6 +149,7 @@ def _database_work_in_the_test_thread(settings: Any) -> None:
 def _fresh_agent_caches() -> Iterator[None]:
     """Each test rolls the database back; what the process remembers of agents (their
     credentials, which have work) must not outlive it."""
+    from tether.commands import holding
     from tether.commands.poll import hub
     from tether.fleet import heartbeats, nonces
     from tether.fleet.authentication import clear_cache
@@ -158,6 +159,7 @@ def _fresh_agent_caches() -> Iterator[None]:
     hub.resync()
     hub.work.clear()
     heartbeats.discard()
+    holding.discard()
     yield
     clear_cache()
 

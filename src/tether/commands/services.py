@@ -24,7 +24,7 @@ from tether.fleet import credentials
 from tether.fleet.models import Agent
 from tether.fleet.services import offline_cutoff
 
-from . import command_templates, hooks, output, runs, states
+from . import command_templates, holding, hooks, output, runs, states
 from .models import Command, CommandTemplate, expiry_from
 from .reports import Result
 
@@ -151,6 +151,9 @@ def claim_for_agents(agent_ids: list[int], *, limit: int = CLAIM_LIMIT) -> dict[
     hub claims for every poll woken together (a run's release wakes hundreds) in one trip."""
     now = timezone.now()
     due, cancel_due = _due(now), _cancel_due(now)
+    held = holding.held_by(agent_ids)
+    if held is not None:  # listed by the agent's poll as waiting in its local queue
+        due &= ~held
     deliveries = {agent_id: Delivery(commands=[], cancel=[]) for agent_id in agent_ids}
     # Most polls find nothing: answer those with one read, without taking the write lock. The
     # same read says what there is: work (a row without a cancel), cancels to send, or both.
