@@ -109,8 +109,9 @@ class ExpireQueuedCommandsTestCase(BaseTestCase):
         self.assertNotIn("TEMP B-TREE", plan)  # read in index order, not sorted
 
 
-@override_settings(COMMAND_EXPIRE=HOUR)
-class RunTargetExpiryTestCase(BaseTestCase):
+class WithRunsTestCase(BaseTestCase):
+    """Three online agents of Alice's, for runs."""
+
     def setUp(self) -> None:
         super().setUp()
         self.agents = [self.agent]
@@ -129,6 +130,9 @@ class RunTargetExpiryTestCase(BaseTestCase):
     def targets(self, run: dict) -> list[Command]:
         return list(Command.objects.filter(run_id=run["id"]).order_by("id"))
 
+
+@override_settings(COMMAND_EXPIRE=HOUR)
+class RunTargetExpiryTestCase(WithRunsTestCase):
     def test_a_held_target_does_not_expire_and_counts_from_its_release(self) -> None:
         run = self.start(max_concurrency=1)
         first, second, third = self.targets(run)
@@ -166,3 +170,39 @@ class RunTargetExpiryTestCase(BaseTestCase):
         detail = self.client.get(f"/api/runs/{run['id']}/").json()
         self.assertEqual(detail["status"], Run.Status.FAILED)
         self.assertEqual(detail["counts"]["expired"], 3)
+
+
+@override_settings(COMMAND_EXPIRE=HOUR)
+class ExpiresInTestCase(WithRunsTestCase):
+    def send(self, **body: Any) -> Any:
+        return self.client.post(
+            f"/api/agents/{self.agent.pk}/send_command/", {"command": "true", **body}, format="json"
+        )
+
+    def test_a_command_may_say_how_long_it_waits(self) -> None:
+        response = self.send(expires_in=60)
+
+        self.assertEqual(response.status_code, 201, response.content)
+        expires_at = Command.objects.get(pk=response.json()["id"]).expires_at
+        self.assertLess(expires_at, timezone.now() + timedelta(seconds=61))
+        self.assertGreater(expires_at, timezone.now() + timedelta(seconds=50))
+        self.assertIsNotNone(response.json()["expires_at"])
+
+    def test_a_bad_expires_in_is_refused_and_queues_nothing(self) -> None:
+        for value in (0, -1, "soon", 10**12, None):
+            with self.subTest(value=value):
+                self.assertError(self.send(expires_in=value), 400)
+        self.assertFalse(Command.objects.exists())
+
+    def test_a_runs_targets_wait_its_expires_in_from_their_release(self) -> None:
+        run = self.start(max_concurrency=1, expires_in=120)
+
+        first, second, _ = self.targets(run)
+        self.assertEqual(run["expires_in"], 120)
+        self.assertLess(first.expires_at, timezone.now() + timedelta(seconds=121))
+        self.assertIsNone(second.expires_at)
+        age(first, 1)
+        services.expire_queued_commands()
+        second.refresh_from_db()
+        self.assertLess(second.expires_at, timezone.now() + timedelta(seconds=121))
+        self.assertGreater(second.expires_at, timezone.now() + timedelta(seconds=100))

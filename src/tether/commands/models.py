@@ -6,13 +6,18 @@ from django.utils import timezone
 
 from tether.fleet.models import Agent
 
+# The longest `expires_in` an operator may give a command or a run.
+MAX_EXPIRES_IN = 365 * 86400
 
-def expiry_from(moment: datetime) -> datetime | None:
-    """When a command that enters the queue at `moment` expires if no agent takes it
-    (TETHER_COMMAND_EXPIRE; None when that is 0: it waits for its agent forever)."""
-    if settings.COMMAND_EXPIRE <= 0:
+
+def expiry_from(moment: datetime, expires_in: int | None = None) -> datetime | None:
+    """When a command that enters the queue at `moment` expires if no agent takes it: after
+    its own `expires_in`, else TETHER_COMMAND_EXPIRE (None when that is 0: it waits for its
+    agent forever)."""
+    seconds = expires_in if expires_in is not None else settings.COMMAND_EXPIRE
+    if seconds <= 0:
         return None
-    return moment + timedelta(seconds=settings.COMMAND_EXPIRE)
+    return moment + timedelta(seconds=seconds)
 
 
 class Command(models.Model):
@@ -185,6 +190,8 @@ class Run(models.Model):
     # None: every target runs, however many fail.
     max_errors = models.PositiveIntegerField(null=True, blank=True)
     offline = models.CharField(max_length=8, choices=Offline.choices, default=Offline.SKIP)
+    # Seconds each target may wait in the queue once released (None: TETHER_COMMAND_EXPIRE).
+    expires_in = models.PositiveIntegerField(null=True, blank=True)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.RUNNING)
     # Why the run ended early (max_errors, an operator's cancel); blank otherwise.
     reason = models.TextField(blank=True, default="")

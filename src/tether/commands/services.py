@@ -41,6 +41,7 @@ def queue_command(
     kind: str = Command.Kind.SHELL,
     deployment: Any = None,
     payload_encrypted: str = "",
+    expires_in: int | None = None,
 ) -> Command:
     """Queue a command; the agent's long-poll wakes as soon as the row is committed. `kind`
     internal is the server's own work for the agent (an upgrade, a certificate), which
@@ -55,7 +56,7 @@ def queue_command(
             created_by=user,
             deployment=deployment,
             payload_encrypted=payload_encrypted,
-            expires_at=expiry_from(timezone.now()),
+            expires_at=expiry_from(timezone.now(), expires_in),
         )
         audit(user=user, action="command.send", target=queued, agent=agent.pk)
         wakeups.notify_on_commit(wakeups.agent_key(agent.pk))
@@ -71,6 +72,7 @@ def send_command(
     template: CommandTemplate | None = None,
     params: dict[str, Any] | None = None,
     timeout: int | None = None,
+    expires_in: int | None = None,
 ) -> Command:
     """An operator's command for one agent: a line, an argv, or a template with its values
     (each shell-quoted by the template). The API and the web UI both come here; values that
@@ -80,7 +82,14 @@ def send_command(
         timeout = timeout or template.timeout
     if command is None:
         raise exceptions.ValidationError("Give either a command or a template.")
-    return queue_command(agent=agent, command=command, args=args, timeout=timeout, user=user)
+    return queue_command(
+        agent=agent,
+        command=command,
+        args=args,
+        timeout=timeout,
+        user=user,
+        expires_in=expires_in,
+    )
 
 
 def render_template(template: CommandTemplate, params: dict[str, Any] | None) -> str:

@@ -49,6 +49,11 @@ class Migration(migrations.Migration):
                 max_length=16,
             ),
         ),
+        migrations.AddField(
+            model_name="run",
+            name="expires_in",
+            field=models.PositiveIntegerField(blank=True, null=True),
+        ),
         migrations.AddIndex(
             model_name="command",
             index=models.Index(fields=["status", "expires_at"], name="command_status_expiry"),
