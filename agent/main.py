@@ -61,6 +61,9 @@ MAX_BODY_BYTES = 1000 * 1000  # stays under the server's 1 MiB request limit
 # A command that ends within this window is reported with a single result call instead of an
 # acknowledging progress call followed by the result: the lease is far longer than this.
 ACK_DELAY = 0.05
+# Ids of accepted, not yet started commands listed on a poll at most (the server takes 200):
+# while the agent polls, the server does not hand them out again (docs/agent-protocol.md).
+HOLDING_MAX = 100
 ORPHAN_PIPE_GRACE = 2.0  # background children holding the pipes after the command exited
 SHUTDOWN_FLUSH = 5.0
 OFFSET_SAVE_INTERVAL = 2.0
@@ -663,6 +666,9 @@ def poll_forever(agent):
             quote(__version__),
             agent.rpc_port(),
         )
+        held = agent.runner.holding()
+        if held:
+            query += "&holding=" + ",".join(held)
         path = "/api/agents/poll_commands/?" + query
         started = time.monotonic()
         agent.woken.clear()  # a wake from now on asks for the poll after this one
@@ -877,6 +883,16 @@ class Runner:
 
     def submit(self, run):
         self.queue.put(run)
+
+    def holding(self):
+        """The ids accepted but not started (waiting in the local queue, or held by a drain),
+        oldest first: the poll lists them, so the server keeps their leases instead of
+        handing them out again while they wait."""
+        with self.agent.journal.lock:
+            runs = list(self.agent.journal.active.values())
+        waiting = [r for r in runs if r.state == "accepted" and r.id.isdigit()]
+        waiting.sort(key=lambda r: (r.entry.get("accepted_at") or 0, int(r.id)))
+        return [r.id for r in waiting[:HOLDING_MAX]]
 
     def stop(self, timeout):
         for _ in self.threads:

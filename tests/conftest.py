@@ -158,6 +158,7 @@ def _fresh_agent_caches() -> Iterator[None]:
     from django.core.cache import cache
     from django.core.cache.backends.locmem import LocMemCache
 
+    from tether.commands import holding
     from tether.commands.poll import hub
     from tether.fleet import guard, heartbeats, nonces
     from tether.fleet.authentication import clear_cache
@@ -170,6 +171,7 @@ def _fresh_agent_caches() -> Iterator[None]:
     hub.resync()
     hub.work.clear()
     heartbeats.discard()
+    holding.discard()
     yield
     clear_cache()
 

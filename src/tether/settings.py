@@ -204,6 +204,8 @@ POLL_INTERVAL = env_float("TETHER_POLL_INTERVAL", 5)
 LONG_POLL_TIMEOUT = env_float("TETHER_LONG_POLL_TIMEOUT", 25)
 # A delivered command not acknowledged within its lease is delivered again.
 COMMAND_LEASE = env_float("TETHER_COMMAND_LEASE", 30)
+# A command still queued this long after it entered the queue ends `expired` (0: never).
+COMMAND_EXPIRE = env_float("TETHER_COMMAND_EXPIRE", 24 * 3600)
 # Running commands of an agent offline this long past its offline mark become `lost`.
 LOST_GRACE = env_float("TETHER_LOST_GRACE", 300)
 # How often the sweeper marks offline agents and lost commands.

@@ -1,5 +1,5 @@
-"""The periodic sweep that runs inside `tether serve`: offline agents, lost commands,
-deployments past their deadline, agent certificates near expiry."""
+"""The periodic sweep that runs inside `tether serve`: offline agents, lost commands, queued
+commands past their expiry, deployments past their deadline, agent certificates near expiry."""
 
 import asyncio
 import logging
@@ -13,7 +13,7 @@ log = logging.getLogger("tether.sweeper")
 
 def sweep_once() -> tuple[int, int]:
     from tether.commands.runs import advance_open_runs, skip_unreachable_targets
-    from tether.commands.services import mark_lost_commands
+    from tether.commands.services import expire_queued_commands, mark_lost_commands
     from tether.deploy.rollouts import advance_open_rollouts
     from tether.deploy.services import expire_deployments
     from tether.fleet import nonces
@@ -23,6 +23,10 @@ def sweep_once() -> tuple[int, int]:
     offline, lost = mark_offline_agents(), mark_lost_commands()
     # Runs move on with each target's end; this only catches one a crash left behind.
     skip_unreachable_targets()
+    # After the skip: an `offline: skip` run's target whose agent left ends skipped, not expired.
+    commands_expired = expire_queued_commands()
+    if commands_expired:
+        log.info("sweep: %d queued command(s) expired", commands_expired)
     advance_open_runs()
     advance_open_rollouts()
     expired = expire_deployments()

@@ -15,7 +15,7 @@ from .client import Client, Event
 from .errors import CliError, ConnectionFailed
 
 PROGRESS_ABOVE = 5  # targets: more than this many get a progress bar
-FINAL = {"succeeded", "failed", "timed_out", "cancelled", "lost", "skipped"}
+FINAL = {"succeeded", "failed", "timed_out", "cancelled", "lost", "skipped", "expired"}
 STREAM_RECONNECTS = 3
 LIMIT = re.compile(r"[0-9]+%?")
 TRUE_WORDS = {"true", "yes", "on", "1"}

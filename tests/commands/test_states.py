@@ -18,12 +18,17 @@ class StatesTestCase(SimpleTestCase):
     def test_lost_yields_only_to_an_outcome_the_agent_reports(self) -> None:
         for new in S.values:
             with self.subTest(new=new):
-                self.assertEqual(can_transition(S.LOST, new), new in FINAL - {S.LOST})
+                self.assertEqual(can_transition(S.LOST, new), new in FINAL - {S.LOST, S.EXPIRED})
+
+    def test_only_a_queued_command_expires(self) -> None:
+        for current in S.values:
+            with self.subTest(current=current):
+                self.assertEqual(can_transition(current, S.EXPIRED), current == S.QUEUED)
 
     def test_it_knows_which_states_are_final(self) -> None:
         self.assertEqual(
             {s for s in S.values if is_final(s)},
-            {"succeeded", "failed", "timed_out", "cancelled", "lost", "skipped"},
+            {"succeeded", "failed", "timed_out", "cancelled", "lost", "skipped", "expired"},
         )
         self.assertEqual(set(ACTIVE), {"delivered", "running"})
 
@@ -43,7 +48,7 @@ class StatesTestCase(SimpleTestCase):
 
     def test_a_result_may_finish_a_command_from_any_live_state(self) -> None:
         for current in (S.QUEUED, S.DELIVERED, S.RUNNING):
-            for final in FINAL:
+            for final in FINAL - {S.EXPIRED}:
                 with self.subTest(current=current, new=final):
                     self.assertTrue(can_transition(current, final))
 

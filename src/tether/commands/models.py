@@ -1,8 +1,23 @@
+from datetime import datetime, timedelta
+
 from django.conf import settings
 from django.db import models
 from django.utils import timezone
 
 from tether.fleet.models import Agent
+
+# The longest `expires_in` an operator may give a command or a run.
+MAX_EXPIRES_IN = 365 * 86400
+
+
+def expiry_from(moment: datetime, expires_in: int | None = None) -> datetime | None:
+    """When a command that enters the queue at `moment` expires if no agent takes it: after
+    its own `expires_in`, else TETHER_COMMAND_EXPIRE (None when that is 0: it waits for its
+    agent forever)."""
+    seconds = expires_in if expires_in is not None else settings.COMMAND_EXPIRE
+    if seconds <= 0:
+        return None
+    return moment + timedelta(seconds=seconds)
 
 
 class Command(models.Model):
@@ -22,6 +37,8 @@ class Command(models.Model):
         LOST = "lost"
         # A run's target whose agent was offline when the run started (`offline: skip`).
         SKIPPED = "skipped"
+        # Queued for longer than COMMAND_EXPIRE: its agent never came for it.
+        EXPIRED = "expired"
 
     class Kind(models.TextChoices):
         SHELL = "shell"
@@ -71,6 +88,9 @@ class Command(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     delivered_at = models.DateTimeField(null=True, blank=True)
     lease_expires_at = models.DateTimeField(null=True, blank=True)
+    # Set when the command enters the queue (a run's target: when it is released): still
+    # queued past it, the sweep ends it `expired`. None: it waits for its agent forever.
+    expires_at = models.DateTimeField(null=True, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
 
@@ -84,6 +104,10 @@ class Command(models.Model):
             # An agent's history, newest first, read from the index instead of sorting all of
             # the agent's commands (15 ms at 5,000 commands, for every history read).
             models.Index(fields=["agent", "created_at", "id"], name="command_agent_latest"),
+            # The expiry sweep's query reads only the queued commands past their expiry, in
+            # order, however many have ever run. (A partial index on queued rows would be
+            # smaller, but SQLite's planner does not pick it for a bound `status = ?`.)
+            models.Index(fields=["status", "expires_at"], name="command_status_expiry"),
         ]
 
     def __str__(self) -> str:
@@ -170,6 +194,8 @@ class Run(models.Model):
     # None: every target runs, however many fail.
     max_errors = models.PositiveIntegerField(null=True, blank=True)
     offline = models.CharField(max_length=8, choices=Offline.choices, default=Offline.SKIP)
+    # Seconds each target may wait in the queue once released (None: TETHER_COMMAND_EXPIRE).
+    expires_in = models.PositiveIntegerField(null=True, blank=True)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.RUNNING)
     # Why the run ended early (max_errors, an operator's cancel); blank otherwise.
     reason = models.TextField(blank=True, default="")

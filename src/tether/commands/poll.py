@@ -46,7 +46,7 @@ from tether.fleet.authentication import (
 )
 from tether.fleet.models import Agent
 
-from . import services
+from . import holding, services
 
 log = logging.getLogger("tether.poll")
 
@@ -185,6 +185,7 @@ def _tick(query: bool) -> set[int] | None:
     """One trip to a database thread: write the batched heartbeats, and find the agents
     with work when it is time to."""
     heartbeats.flush()
+    holding.flush()
     return services.agents_with_work() if query else None
 
 
@@ -288,9 +289,13 @@ async def _guarded_answer(request: PollRequest, waiter: wakeups.Waiter) -> tuple
         credential, pending = await _credential(request)
         guard.refuse_polling_too_fast(credential.agent.pk)
         wait, version, rpc_port = _params(request.query)
+        held = holding.parse(request.query.get("holding"))
     except exceptions.APIException as exc:
         return _error(exc)
     try:
+        if held:  # a replay must not keep commands from being handed out again
+            await _unreplayed(pending)
+            holding.note(credential.agent.pk, held)
         return await _answer(request, waiter, credential.agent, pending, wait, version, rpc_port)
     except exceptions.AuthenticationFailed as exc:  # a replay, found out by the shared record
         return _error(exc)

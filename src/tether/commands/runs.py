@@ -26,7 +26,7 @@ from tether.fleet.models import Agent
 from tether.fleet.services import agent_is_online, online_q
 
 from . import states
-from .models import Command, CommandTemplate, Run
+from .models import Command, CommandTemplate, Run, expiry_from
 from .selectors import counts_by_state
 
 S = Command.Status
@@ -50,6 +50,7 @@ class RunRequest:
     max_errors: int | str | None = None
     offline: str = Run.Offline.SKIP
     template: CommandTemplate | None = None
+    expires_in: int | None = None
 
 
 def fingerprint(body: Any) -> str:
@@ -91,6 +92,7 @@ def create_run(
                 max_concurrency=resolve_limit(request.max_concurrency, total, at_least=1) or total,
                 max_errors=resolve_limit(request.max_errors, total, at_least=0),
                 offline=request.offline,
+                expires_in=request.expires_in,
                 targets_total=total,
                 idempotency_key=idempotency_key,
                 request_hash=request_hash,
@@ -210,7 +212,10 @@ def _release(run: Run, places: int) -> int:
         released += list(away[: places - len(released)])
     if released:
         ids = [pk for pk, _ in released]
-        Command.objects.filter(id__in=ids, status=S.HELD).update(status=S.QUEUED)
+        # A target's time in the queue counts from its release, not from the run's start.
+        Command.objects.filter(id__in=ids, status=S.HELD).update(
+            status=S.QUEUED, expires_at=expiry_from(timezone.now(), run.expires_in)
+        )
         wakeups.notify_on_commit(*{wakeups.agent_key(agent_id) for _, agent_id in released})
     return skipped
 

@@ -12,7 +12,7 @@ from typing import Any
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser
 from django.db import connection, transaction
-from django.db.models import F, Q, Window
+from django.db.models import F, Q, QuerySet, Window
 from django.db.models.functions import RowNumber
 from django.utils import timezone
 from rest_framework import exceptions
@@ -24,8 +24,8 @@ from tether.fleet import credentials
 from tether.fleet.models import Agent
 from tether.fleet.services import offline_cutoff
 
-from . import command_templates, hooks, output, runs, states
-from .models import Command, CommandTemplate
+from . import command_templates, holding, hooks, output, runs, states
+from .models import Command, CommandTemplate, expiry_from
 from .reports import Result
 
 S = Command.Status
@@ -41,6 +41,7 @@ def queue_command(
     kind: str = Command.Kind.SHELL,
     deployment: Any = None,
     payload_encrypted: str = "",
+    expires_in: int | None = None,
 ) -> Command:
     """Queue a command; the agent's long-poll wakes as soon as the row is committed. `kind`
     internal is the server's own work for the agent (an upgrade, a certificate), which
@@ -55,6 +56,7 @@ def queue_command(
             created_by=user,
             deployment=deployment,
             payload_encrypted=payload_encrypted,
+            expires_at=expiry_from(timezone.now(), expires_in),
         )
         audit(user=user, action="command.send", target=queued, agent=agent.pk)
         wakeups.notify_on_commit(wakeups.agent_key(agent.pk))
@@ -70,6 +72,7 @@ def send_command(
     template: CommandTemplate | None = None,
     params: dict[str, Any] | None = None,
     timeout: int | None = None,
+    expires_in: int | None = None,
 ) -> Command:
     """An operator's command for one agent: a line, an argv, or a template with its values
     (each shell-quoted by the template). The API and the web UI both come here; values that
@@ -79,7 +82,14 @@ def send_command(
         timeout = timeout or template.timeout
     if command is None:
         raise exceptions.ValidationError("Give either a command or a template.")
-    return queue_command(agent=agent, command=command, args=args, timeout=timeout, user=user)
+    return queue_command(
+        agent=agent,
+        command=command,
+        args=args,
+        timeout=timeout,
+        user=user,
+        expires_in=expires_in,
+    )
 
 
 def render_template(template: CommandTemplate, params: dict[str, Any] | None) -> str:
@@ -150,6 +160,9 @@ def claim_for_agents(agent_ids: list[int], *, limit: int = CLAIM_LIMIT) -> dict[
     hub claims for every poll woken together (a run's release wakes hundreds) in one trip."""
     now = timezone.now()
     due, cancel_due = _due(now), _cancel_due(now)
+    held = holding.held_by(agent_ids)
+    if held is not None:  # listed by the agent's poll as waiting in its local queue
+        due &= ~held
     deliveries = {agent_id: Delivery(commands=[], cancel=[]) for agent_id in agent_ids}
     # Most polls find nothing: answer those with one read, without taking the write lock. The
     # same read says what there is: work (a row without a cancel), cancels to send, or both.
@@ -401,6 +414,39 @@ def mark_lost_commands() -> int:
     )
     wakeups.notify_on_commit(*[wakeups.command_key(command_id) for command_id in ids])
     runs.advance_runs(affected_runs)
+    return count
+
+
+# Commands one sweep expires at most: a backlog (a run's `wait` for thousands of agents that
+# never came back) drains over a few sweeps instead of holding the writer for one long UPDATE.
+EXPIRE_BATCH = 1000
+
+
+def past_expiry(now: datetime) -> QuerySet[Command]:
+    """Queued commands past their expiry, oldest first: read from the (status, expires_at)
+    index, so the sweep touches only them however many commands have ever run."""
+    return Command.objects.filter(status=S.QUEUED, expires_at__lt=now).order_by("expires_at")
+
+
+def expire_queued_commands() -> int:
+    """Queued commands past their `expires_at` end `expired`: their agent never came for them
+    (TETHER_COMMAND_EXPIRE). One indexed read and one UPDATE by id per sweep; their streams
+    end and their runs move on, as for a lost command. A delivered command never expires
+    (the agent has it: the lease and the lost sweep look after it)."""
+    now = timezone.now()
+    due = past_expiry(now)
+    rows = list(due.values_list("id", "run_id")[:EXPIRE_BATCH])
+    if not rows:
+        return 0
+    ids = [pk for pk, _ in rows]
+    # `due` again in the UPDATE: one handed out since the read is left alone.
+    count = due.filter(id__in=ids).update(
+        status=S.EXPIRED,
+        finished_at=now,
+        error="expired: no agent took the command while it was queued",
+    )
+    wakeups.notify_on_commit(*[wakeups.command_key(pk) for pk in ids])
+    runs.advance_runs({run_id for _, run_id in rows if run_id is not None})
     return count
 
 

@@ -7,23 +7,25 @@ was lost, or the lease ran out and it was handed out again); it is final all the
 from .models import Command
 
 S = Command.Status
-FINAL = frozenset({S.SUCCEEDED, S.FAILED, S.TIMED_OUT, S.CANCELLED, S.LOST, S.SKIPPED})
+FINAL = frozenset({S.SUCCEEDED, S.FAILED, S.TIMED_OUT, S.CANCELLED, S.LOST, S.SKIPPED, S.EXPIRED})
 ACTIVE = frozenset({S.DELIVERED, S.RUNNING})
-# What an agent may report of a command (`skipped` is the server's word, before any agent).
-AGENT_OUTCOMES = FINAL - {S.SKIPPED}
-# Failures that count against a run's max_errors.
-ERRORS = frozenset({S.FAILED, S.TIMED_OUT, S.LOST})
+# What an agent may report of a command (`skipped` and `expired` are the server's word,
+# before any agent had the command).
+AGENT_OUTCOMES = FINAL - {S.SKIPPED, S.EXPIRED}
+# Failures that count against a run's max_errors (an expired target's agent never came).
+ERRORS = frozenset({S.FAILED, S.TIMED_OUT, S.LOST, S.EXPIRED})
 
 ALLOWED: dict[str, frozenset[str]] = {
     # A run's target: released into the queue, or cancelled before it ever was.
     S.HELD: frozenset({S.QUEUED, S.CANCELLED}),
+    # Only a queued command expires: once an agent has it, the lease and the lost sweep decide.
     S.QUEUED: frozenset({S.DELIVERED, S.RUNNING, S.CANCELLED}) | FINAL,
     # delivered -> delivered: handed out again after its lease ran out.
-    S.DELIVERED: frozenset({S.DELIVERED, S.RUNNING}) | FINAL,
-    S.RUNNING: FINAL,
+    S.DELIVERED: frozenset({S.DELIVERED, S.RUNNING}) | FINAL - {S.EXPIRED},
+    S.RUNNING: FINAL - {S.EXPIRED},
     # `lost` is the server's guess, not the agent's word: an agent that comes back from a
     # partition and reports the real outcome is believed.
-    S.LOST: FINAL - {S.LOST},
+    S.LOST: FINAL - {S.LOST, S.EXPIRED},
 }
 
 

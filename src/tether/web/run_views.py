@@ -49,6 +49,7 @@ COUNTERS = [
     "timed_out",
     "cancelled",
     "lost",
+    "expired",
     "skipped",
 ]
 # What the form posts that is not the request itself (left out of the replay fingerprint).

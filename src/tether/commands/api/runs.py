@@ -149,6 +149,7 @@ class RunSummarySerializer(serializers.ModelSerializer):
             "max_concurrency",
             "max_errors",
             "offline",
+            "expires_in",
             "counts",
             "created_by",
             "created_at",
@@ -197,6 +198,7 @@ def run_request(user: AbstractBaseUser, values: dict[str, Any]) -> runs.RunReque
         max_errors=values.get("max_errors"),
         offline=values["offline"],
         template=template,
+        expires_in=values.get("expires_in"),
     )
 
 

@@ -6,7 +6,7 @@ from rest_framework import serializers
 from tether.serializers import StrictInputMixin
 
 from .. import command_templates, output
-from ..models import Command, CommandTemplate
+from ..models import MAX_EXPIRES_IN, Command, CommandTemplate
 from ..selectors import TEMPLATE_NAME_TAKEN, template_name_taken
 
 MAX_COMMAND_CHARS = 64 * 1024
@@ -39,6 +39,7 @@ class CommandSummarySerializer(serializers.ModelSerializer):
             "delivered_at",
             "started_at",
             "finished_at",
+            "expires_at",
         ]
         read_only_fields = fields
 
@@ -80,6 +81,8 @@ class CommandInput(StrictInputMixin, serializers.Serializer):
     )
     template = serializers.IntegerField(required=False, min_value=1, max_value=2**62)
     params = serializers.DictField(required=False)
+    # Seconds the command may wait in the queue for its agent (default TETHER_COMMAND_EXPIRE).
+    expires_in = serializers.IntegerField(min_value=1, max_value=MAX_EXPIRES_IN, required=False)
 
     def validate(self, data: dict[str, Any]) -> dict[str, Any]:
         if ("command" in data) == ("template" in data):

@@ -42,6 +42,7 @@ SUMMARY_ORDER = [
     "failed",
     "timed_out",
     "lost",
+    "expired",
     "cancelled",
     "skipped",
     "running",

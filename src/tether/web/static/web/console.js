@@ -4,7 +4,7 @@
 (function () {
   "use strict";
 
-  var FINAL = ["succeeded", "failed", "timed_out", "cancelled", "lost", "skipped"];
+  var FINAL = ["succeeded", "failed", "timed_out", "cancelled", "lost", "skipped", "expired"];
 
   function field(root, name) {
     return root.querySelector('[data-field="' + name + '"]');
