@@ -34,6 +34,24 @@ class ExpireQueuedCommandsTestCase(BaseTestCase):
         expected = before + timedelta(seconds=HOUR)
         self.assertLess(abs((command.expires_at - expected).total_seconds()), 5)
 
+    def test_a_delivery_never_started_expires_once_its_lease_ran_out(self) -> None:
+        """Its agent went away before starting it and never came back (the lost sweep leaves
+        such deliveries alone, to be delivered again if it does)."""
+        held = self.delivered("held")
+        stale = self.delivered("stale")
+        age(held, 1)
+        age(stale, 1)
+        Command.objects.filter(pk=stale.pk).update(
+            lease_expires_at=timezone.now() - timedelta(seconds=1)
+        )
+
+        self.assertEqual(services.expire_queued_commands(), 1)
+
+        held.refresh_from_db()
+        stale.refresh_from_db()
+        self.assertEqual(held.status, S.DELIVERED)  # its lease runs: the agent has it
+        self.assertEqual(stale.status, S.EXPIRED)
+
     @override_settings(COMMAND_EXPIRE=0)
     def test_zero_means_a_command_waits_forever(self) -> None:
         self.assertIsNone(self.queue().expires_at)

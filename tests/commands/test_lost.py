@@ -27,19 +27,21 @@ class MarkLostCommandsTestCase(BaseTestCase):
         heartbeat = None if silent_for is None else seconds_ago(silent_for)
         Agent.objects.filter(pk=self.agent.pk).update(status=status, last_heartbeat=heartbeat)
 
-    def test_it_marks_delivered_and_running_commands_lost(self) -> None:
+    def test_it_marks_running_commands_lost_and_leaves_deliveries_to_their_lease(self) -> None:
         delivered = self.delivered("sleep 1")
         running = self.running("sleep 2")
         self.set_agent("offline", silent_for=LOST_AFTER + 5)
 
-        self.assertEqual(mark_lost_commands(), 2)
+        self.assertEqual(mark_lost_commands(), 1)
 
-        for command in (delivered, running):
-            command.refresh_from_db()
-            self.assertEqual(command.status, "lost")
-            self.assertIsNotNone(command.finished_at)
-            self.assertIsNone(command.lease_expires_at)
-            self.assertIn("offline", command.error)
+        running.refresh_from_db()
+        self.assertEqual(running.status, "lost")
+        self.assertIsNotNone(running.finished_at)
+        self.assertIsNone(running.lease_expires_at)
+        self.assertIn("offline", running.error)
+        # Never started: delivered again when the agent is back (DESIGN §3), or it expires.
+        delivered.refresh_from_db()
+        self.assertEqual(delivered.status, "delivered")
 
     def test_it_leaves_queued_and_finished_commands_alone(self) -> None:
         finished = self.running("true")

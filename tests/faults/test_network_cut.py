@@ -113,13 +113,6 @@ def test_a_cut_longer_than_the_lease_loses_and_doubles_nothing(cut: SimpleNamesp
     fault_survived()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a command delivered but never acknowledged is marked lost once its agent has been "
-    "offline 3 x heartbeat + TETHER_LOST_GRACE (commands/services.py mark_lost_commands, "
-    "states.ACTIVE includes delivered), so a delivery lost in the cut never runs; DESIGN 3 says "
-    "an unacknowledged delivery is delivered again",
-)
 def test_a_delivery_lost_in_the_cut_is_delivered_again(cut: SimpleNamespace) -> None:
     assert cut.second["status"] == "succeeded", cut.second
     assert cut.second["stdout"] == "second\n"

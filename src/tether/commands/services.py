@@ -393,16 +393,18 @@ def cancel_command(*, command: Command, user: AbstractBaseUser | None) -> Comman
 
 
 def mark_lost_commands() -> int:
-    """Active commands that will never report are lost: their agent has been offline for
-    longer than the grace period, or their report deadline (start + timeout + lease + grace)
-    has passed. A late report from the agent still wins (see states.ALLOWED)."""
+    """Commands that will never report are lost: running ones whose agent has been offline
+    for longer than the grace period, and any whose report deadline (start + timeout + lease
+    + grace) has passed. A late report from the agent still wins (see states.ALLOWED). A
+    command delivered but never started is not lost: its lease runs out and it is delivered
+    again when the agent is back (DESIGN §3), or it expires (expire_queued_commands)."""
     now = timezone.now()
     cutoff = offline_cutoff(now) - timedelta(seconds=settings.LOST_GRACE)
     away = (Q(agent__last_heartbeat__lt=cutoff) | Q(agent__last_heartbeat__isnull=True)) & ~Q(
         agent__status__in=[Agent.Status.ONLINE, Agent.Status.PENDING]
     )
     overdue = Q(report_deadline__lt=now)
-    lost = Command.objects.filter(away | overdue, status__in=states.ACTIVE)
+    lost = Command.objects.filter((away & Q(status=S.RUNNING)) | overdue, status__in=states.ACTIVE)
     ids = list(lost.values_list("id", flat=True))
     if not ids:
         return 0
@@ -423,16 +425,22 @@ EXPIRE_BATCH = 1000
 
 
 def past_expiry(now: datetime) -> QuerySet[Command]:
-    """Queued commands past their expiry, oldest first: read from the (status, expires_at)
-    index, so the sweep touches only them however many commands have ever run."""
-    return Command.objects.filter(status=S.QUEUED, expires_at__lt=now).order_by("expires_at")
+    """Commands waiting past their expiry: queued ones, and delivered ones whose
+    lease ran out (the agent never started them and did not come back for them). Read from
+    the (status, expires_at) index, so the sweep touches only them however many commands
+    have ever run."""
+    waiting = Q(status=S.QUEUED) | Q(status=S.DELIVERED, lease_expires_at__lt=now)
+    # No order: a sweep takes any EXPIRE_BATCH of them (a sort would read them all first).
+    return Command.objects.filter(
+        waiting, status__in=[S.QUEUED, S.DELIVERED], expires_at__lt=now
+    ).order_by()
 
 
 def expire_queued_commands() -> int:
-    """Queued commands past their `expires_at` end `expired`: their agent never came for them
-    (TETHER_COMMAND_EXPIRE). One indexed read and one UPDATE by id per sweep; their streams
-    end and their runs move on, as for a lost command. A delivered command never expires
-    (the agent has it: the lease and the lost sweep look after it)."""
+    """Waiting commands past their `expires_at` end `expired`: their agent never came for
+    them, or never started them (TETHER_COMMAND_EXPIRE). One indexed read and one UPDATE by id per sweep; their streams
+    end and their runs move on, as for a lost command. A delivered command expires only once
+    its lease ran out (an agent holding it renews the lease while it polls)."""
     now = timezone.now()
     due = past_expiry(now)
     rows = list(due.values_list("id", "run_id")[:EXPIRE_BATCH])
@@ -443,7 +451,7 @@ def expire_queued_commands() -> int:
     count = due.filter(id__in=ids).update(
         status=S.EXPIRED,
         finished_at=now,
-        error="expired: no agent took the command while it was queued",
+        error="expired: the agent did not take or start the command in time",
     )
     wakeups.notify_on_commit(*[wakeups.command_key(pk) for pk in ids])
     runs.advance_runs({run_id for _, run_id in rows if run_id is not None})
