@@ -102,7 +102,7 @@ def _uvicorn_config(options: dict) -> Any:
     import uvicorn
     from django.conf import settings
 
-    from tether.httpserver import BoundedH11Protocol
+    from tether.httpserver import BoundedHttpToolsProtocol
 
     return uvicorn.Config(
         "tether.asgi:application",
@@ -110,7 +110,7 @@ def _uvicorn_config(options: dict) -> Any:
         host=options["host"],
         port=options["port"],
         # Header, body and slow-client limits (tether.httpserver); no WebSockets.
-        http=BoundedH11Protocol,
+        http=BoundedHttpToolsProtocol,
         ws="none",
         # X-Forwarded-* only from the proxies the operator names (settings.FORWARDED_ALLOW_IPS).
         proxy_headers=bool(settings.FORWARDED_ALLOW_IPS),
