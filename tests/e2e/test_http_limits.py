@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ADMIN_PASSWORD, Api, TetherServer, free_port, wait_for
+from tests.conftest import ADMIN_PASSWORD, BIN, Api, TetherServer, free_port, wait_for
 
 MiB = 1024 * 1024
 HEAD_TIMEOUT = 1.0  # the test server's TETHER_HTTP_HEAD_TIMEOUT and _BODY_TIMEOUT
@@ -326,3 +326,42 @@ def test_held_polls_and_streams_outlive_the_head_and_body_timeouts(
         assert status == 202
         sock.settimeout(10)
         assert b"cancelled" in sock.recv(65536)
+
+
+def test_behind_named_proxies_the_forwarded_address_is_the_clients(tmp_path: Path) -> None:
+    """With TETHER_NUM_PROXIES and TETHER_FORWARDED_ALLOW_IPS, the proxy's X-Forwarded-For
+    names the client: its stored address, and /metrics no longer admits it as loopback."""
+    env = {"TETHER_NUM_PROXIES": "1", "TETHER_FORWARDED_ALLOW_IPS": "127.0.0.1"}
+    proxied = TetherServer(tmp_path / "data", env).setup().start()
+    try:
+        forwarded = {"X-Forwarded-For": "203.0.113.7"}
+        assert Api(proxied.url).get("/metrics", headers=forwarded)[0] == 403
+        api = proxied.login("admin", ADMIN_PASSWORD)
+        _, created = api.post("/api/servers/", {"name": "proxied", "host": "127.0.0.1"})
+        status, agent = Api(proxied.url).post(
+            "/api/agents/register/",
+            {"server_token": created["server_token"], "hostname": "p", "version": "1.0.0"},
+            headers=forwarded,
+        )
+        assert status == 201, agent
+        [(address,)] = proxied.sql(
+            "SELECT address FROM fleet_agent WHERE id = ?", agent["agent_id"]
+        )
+        assert address == "203.0.113.7"
+    finally:
+        proxied.kill()
+
+
+def test_trusted_proxies_without_a_proxy_count_stop_the_server(tmp_path: Path) -> None:
+    """Trusting X-Forwarded-For in the server but not in the throttles would make them
+    disagree about who the client is: refused at start, with the reason."""
+    server = TetherServer(tmp_path / "data", {"TETHER_FORWARDED_ALLOW_IPS": "10.0.0.0/8"})
+    result = subprocess.run(
+        [str(BIN / "tether"), "serve", "--bind", f"127.0.0.1:{server.port}"],
+        env=server.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "TETHER_NUM_PROXIES" in result.stderr
