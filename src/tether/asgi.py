@@ -99,7 +99,13 @@ def _call_sync_view(func: Any, request: HttpRequest, args: Any, kwargs: Any) -> 
 
 
 def _too_large(limit: int) -> HttpResponse:
-    return json_error("too_large", f"request body is larger than {limit} bytes", 413, limit=limit)
+    """The rest of the body is never read: the connection closes after the answer (the server
+    drops what still arrives for a while, so that the client reads this; tether.httpserver)."""
+    response = json_error(
+        "too_large", f"request body is larger than {limit} bytes", 413, limit=limit
+    )
+    response["Connection"] = "close"
+    return response
 
 
 class _Threads:
@@ -177,23 +183,19 @@ class TetherASGIHandler(ASGIHandler):
                 await self.handle(scope, receive, send)
 
     async def handle(self, scope: dict, receive: Any, send: Any) -> None:
-        """Refuse an absurd declared length before reading any of the body: Django's ASGI
-        handler would otherwise spool it whole, to memory and then to disk."""
-        ceiling = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
+        """Refuse a declared length above the path's limit before reading any of the body:
+        Django's ASGI handler would otherwise spool it whole, to memory and then to disk."""
+        limit = body_limit(self.agent_match.get())
         length = dict(scope.get("headers") or []).get(b"content-length", b"0")
-        if length.isdigit() and int(length) > ceiling:
-            response = _too_large(ceiling)
-            response["Connection"] = "close"
-            await self.send_response(response, send)
+        if length.isdigit() and int(length) > limit:
+            await self.send_response(_too_large(limit), send)
             return
         await super().handle(scope, receive, send)
 
     async def read_body(self, receive: Any) -> Any:
-        """Keep at most the path's limit of a body. Past it the rest is read and dropped (so
-        the client gets its 413 rather than a broken pipe), and past the ceiling no longer
-        read at all."""
+        """Keep at most the path's limit of a body (a chunked one declares no length): past
+        it, stop reading and answer 413."""
         limit = body_limit(self.agent_match.get())
-        ceiling = settings.DATA_UPLOAD_MAX_MEMORY_SIZE
         seen = 0
 
         async def bounded_receive() -> dict:
@@ -203,8 +205,7 @@ class TetherASGIHandler(ASGIHandler):
             if seen <= limit:
                 return message
             self.too_large.set(True)
-            more = message.get("more_body", False) and seen <= ceiling
-            return {"type": message["type"], "body": b"", "more_body": more}
+            return {"type": message["type"], "body": b"", "more_body": False}
 
         return await super().read_body(bounded_receive)
 

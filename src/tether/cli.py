@@ -56,6 +56,10 @@ def serve(argv: list[str]) -> int:
         parser.error("--tls-cert and --tls-key go together")
     if not 1 <= args.workers <= 64:
         parser.error("--workers takes 1..64")
+    # What the server was started with is what agents are given and which Host it answers
+    # (settings: PUBLIC_URL, ALLOWED_HOSTS), in this process and the ones it starts.
+    os.environ["TETHER_BIND"] = args.bind
+    os.environ["TETHER_TLS"] = "1" if args.tls or args.tls_cert else "0"
 
     _setup_django()
     from django.conf import settings
@@ -66,6 +70,11 @@ def serve(argv: list[str]) -> int:
         parser.error(
             "--workers above 1 needs PostgreSQL (TETHER_DATABASE_URL): SQLite is "
             "one process's database"
+        )
+    if settings.FORWARDED_ALLOW_IPS and settings.NUM_PROXIES < 1:
+        parser.error(
+            "TETHER_FORWARDED_ALLOW_IPS needs TETHER_NUM_PROXIES (how many proxies are in "
+            "front), so that the throttles and the server agree on who the client is"
         )
     if settings.IS_SQLITE and not args.no_migrate:
         call_command("migrate", interactive=False, verbosity=0)
@@ -91,12 +100,21 @@ def serve(argv: list[str]) -> int:
 
 def _uvicorn_config(options: dict) -> Any:
     import uvicorn
+    from django.conf import settings
+
+    from tether.httpserver import BoundedHttpToolsProtocol
 
     return uvicorn.Config(
         "tether.asgi:application",
         **options["tls"],
         host=options["host"],
         port=options["port"],
+        # Header, body and slow-client limits (tether.httpserver); no WebSockets.
+        http=BoundedHttpToolsProtocol,
+        ws="none",
+        # X-Forwarded-* only from the proxies the operator names (settings.FORWARDED_ALLOW_IPS).
+        proxy_headers=bool(settings.FORWARDED_ALLOW_IPS),
+        forwarded_allow_ips=settings.FORWARDED_ALLOW_IPS or None,
         lifespan="off",
         log_level=os.environ.get("TETHER_LOG_LEVEL", "info").lower(),
         access_log=False,

@@ -1,8 +1,11 @@
 """Tether settings: every knob comes from a `TETHER_*` environment variable with a default
 that works on a laptop (SQLite in WAL mode under `TETHER_DATA_DIR`)."""
 
+import contextlib
 import os
+import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import dj_database_url
 from django.core.management.utils import get_random_secret_key
@@ -63,8 +66,47 @@ SECRET_KEY_FALLBACKS = [
     if key.strip()
 ]
 DEBUG = env_bool("TETHER_DEBUG", False)
-ALLOWED_HOSTS = [h.strip() for h in os.environ.get("TETHER_ALLOWED_HOSTS", "*").split(",")]
-PUBLIC_URL = os.environ.get("TETHER_PUBLIC_URL", "").rstrip("/")
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+# Where `tether serve` listens: it sets TETHER_BIND from its --bind and TETHER_TLS from --tls.
+_BIND_HOST, _, _BIND_PORT = os.environ.get("TETHER_BIND", "127.0.0.1:8000").rpartition(":")
+_BIND_HOST = _BIND_HOST.strip("[]")
+_BOUND_TO_ALL = _BIND_HOST in ("", "0.0.0.0", "::")
+_FQDN = socket.getfqdn()
+# The URL agents are given (install lines, deployments, upgrades): TETHER_PUBLIC_URL, else
+# the one `tether serve` was started with (named by the machine's FQDN when bound to every
+# address). Never a request's Host header, which whoever sends the request chooses.
+PUBLIC_URL = (
+    os.environ.get("TETHER_PUBLIC_URL")
+    or "{}://{}:{}".format(
+        "https" if env_bool("TETHER_TLS", False) else "http",
+        _bracketed(_FQDN if _BOUND_TO_ALL else _BIND_HOST),
+        _BIND_PORT,
+    )
+).rstrip("/")
+
+
+def _default_allowed_hosts() -> list[str]:
+    """The names the server was started with: loopback, its bind address, its public URL's
+    host and the machine's names (and, bound to every address, what its hostname resolves
+    to). Anything else is TETHER_ALLOWED_HOSTS."""
+    hosts = ["localhost", "127.0.0.1", "[::1]", _FQDN, socket.gethostname()]
+    hosts.append(_bracketed(urlsplit(PUBLIC_URL).hostname or "localhost"))
+    if _BOUND_TO_ALL:
+        with contextlib.suppress(OSError):
+            hosts += socket.gethostbyname_ex(socket.gethostname())[2]
+    else:
+        hosts.append(_bracketed(_BIND_HOST))
+    return list(dict.fromkeys(hosts))
+
+
+ALLOWED_HOSTS = [
+    host.strip() for host in os.environ.get("TETHER_ALLOWED_HOSTS", "").split(",") if host.strip()
+] or _default_allowed_hosts()
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -240,6 +282,26 @@ POLL_RATE = env_rate("TETHER_POLL_RATE", "120/min")
 # Human API tokens live this many days unless their creator says otherwise (0: never).
 TOKEN_DAYS = env_int("TETHER_TOKEN_DAYS", 90)
 
+# Behind proxies: throttles take the peer address from X-Forwarded-For, counting
+# TETHER_NUM_PROXIES proxies from the right. The ASGI server itself believes X-Forwarded-For
+# and X-Forwarded-Proto (the address Django sees as REMOTE_ADDR, the scheme) only from the
+# proxies in TETHER_FORWARDED_ALLOW_IPS (addresses or networks), and only when
+# TETHER_NUM_PROXIES is set too; by default from nobody.
+NUM_PROXIES = env_int("TETHER_NUM_PROXIES", 0)
+FORWARDED_ALLOW_IPS = [
+    ip.strip() for ip in os.environ.get("TETHER_FORWARDED_ALLOW_IPS", "").split(",") if ip.strip()
+]
+
+# HTTP limits, enforced before Django sees a request (tether.httpserver, docs/security.md):
+# request head (request line and headers) in bytes, header fields, request target; seconds
+# for a head to arrive, and for a body (plus one second per HTTP_BODY_MIN_RATE bytes).
+HTTP_MAX_HEAD_BYTES = env_int("TETHER_HTTP_MAX_HEAD_BYTES", 32 * 1024)
+HTTP_MAX_HEADERS = env_int("TETHER_HTTP_MAX_HEADERS", 100)
+HTTP_MAX_REQUEST_LINE = env_int("TETHER_HTTP_MAX_REQUEST_LINE", 8 * 1024)
+HTTP_HEAD_TIMEOUT = env_float("TETHER_HTTP_HEAD_TIMEOUT", 10)
+HTTP_BODY_TIMEOUT = env_float("TETHER_HTTP_BODY_TIMEOUT", 30)
+HTTP_BODY_MIN_RATE = env_int("TETHER_HTTP_BODY_MIN_RATE", 1024)
+
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
         "tether.accounts.authentication.ApiTokenAuthentication",
@@ -254,7 +316,7 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "tether.schema.TetherAutoSchema",
     "DEFAULT_THROTTLE_RATES": {"register": REGISTER_RATE},
     # Throttles key on the peer address; X-Forwarded-For counts only behind this many proxies.
-    "NUM_PROXIES": env_int("TETHER_NUM_PROXIES", 0),
+    "NUM_PROXIES": NUM_PROXIES,
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
 SPECTACULAR_SETTINGS = {

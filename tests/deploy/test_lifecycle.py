@@ -193,13 +193,15 @@ class LifecycleTestCase(BaseTestCase):
     def test_install_creates_an_ssh_deployment_without_an_agent(self) -> None:
         self.give_ssh_key()
 
-        response = self.post_json(f"/api/servers/{self.server.pk}/install/", {})
+        with self.settings(PUBLIC_URL="https://tether.example:8443"):
+            response = self.post_json(f"/api/servers/{self.server.pk}/install/", {})
 
         self.assertEqual(response.status_code, 202, response.content)
         deployment = Deployment.objects.get(pk=response.json()["deployment_id"])
         self.assertEqual((deployment.kind, deployment.method), ("install", "ssh"))
         self.assertIsNone(deployment.agent)
-        self.assertEqual(deployment.server_url, "http://testserver")
+        # The public URL, never the request's Host header (the test client's "testserver").
+        self.assertEqual(deployment.server_url, "https://tether.example:8443")
 
     def test_another_users_agent_or_server_answers_404_and_changes_nothing(self) -> None:
         for action in ("upgrade", "stop", "start"):

@@ -281,6 +281,15 @@ class ServersPageTestCase(WebTestCase):
         self.assertNotContains(self.client.get("/servers/"), token)
         self.assertIn("no-store", response["Cache-Control"])  # not from the back button
 
+    def test_the_agent_command_line_names_the_public_url_not_the_host_header(self) -> None:
+        form = {"name": "new", "host": "10.0.0.9", "ssh_user": "root", "ssh_port": 22}
+        with self.settings(
+            PUBLIC_URL="https://tether.example:8443", ALLOWED_HOSTS=["attacker.example"]
+        ):
+            response = self.client.post("/servers/", form, HTTP_HOST="attacker.example:1")
+        self.assertContains(response, "--server https://tether.example:8443 --server-token ")
+        self.assertNotContains(response, "attacker.example")
+
     def test_a_refused_form_does_not_send_the_private_key_back(self) -> None:
         key = "-----BEGIN OPENSSH PRIVATE KEY-----\nsecret-material\n"
         form = {"name": "alice-web", "host": "10.0.0.9", "ssh_user": "root", "ssh_port": 22}

@@ -439,8 +439,9 @@ def past_expiry(now: datetime) -> QuerySet[Command]:
 def expire_queued_commands() -> int:
     """Waiting commands past their `expires_at` end `expired`: their agent never came for
     them, or never started them (TETHER_COMMAND_EXPIRE). One indexed read and one UPDATE by
-    id per sweep; their streams end and their runs move on, as for a lost command. A delivered command expires only once
-    its lease ran out (an agent holding it renews the lease while it polls)."""
+    id per sweep; their streams end and their runs move on, as for a lost command. A
+    delivered command expires only once its lease ran out (an agent holding it renews the
+    lease while it polls)."""
     now = timezone.now()
     due = past_expiry(now)
     rows = list(due.values_list("id", "run_id")[:EXPIRE_BATCH])

@@ -147,9 +147,10 @@ def cancel_deployment(*, deployment: Deployment, user: AbstractBaseUser | None) 
 
 
 def public_url(deployment: Deployment | None = None) -> str:
-    """Where an agent reaches this server: TETHER_PUBLIC_URL, else the URL the deployment was
-    requested on."""
-    return settings.PUBLIC_URL or (deployment.server_url.rstrip("/") if deployment else "")
+    """Where an agent reaches this server: the URL recorded when the deployment was requested
+    (the serving process's PUBLIC_URL; a separate `tether worker` may not know it), else
+    PUBLIC_URL."""
+    return (deployment.server_url.rstrip("/") if deployment else "") or settings.PUBLIC_URL
 
 
 def new_enrollment_token(deployment: Deployment) -> str:

@@ -1,5 +1,6 @@
 """The pages that set the fleet up: servers (and their tokens) and command templates."""
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.paginator import Paginator
@@ -14,7 +15,6 @@ from tether.commands.selectors import templates_visible_to
 from tether.commands.services import delete_template, save_template
 from tether.deploy import lifecycle
 from tether.deploy.models import Deployment
-from tether.deploy.services import public_url
 from tether.fleet import services as fleet_services
 from tether.fleet.models import Agent, Server
 from tether.fleet.selectors import servers_visible_to
@@ -28,10 +28,10 @@ AGENTS = Prefetch(
 )
 
 
-def _agent_command_line(request: HttpRequest, token: str) -> str:
-    url = public_url() or request.build_absolute_uri("/").rstrip("/")
+def _agent_command_line(token: str) -> str:
     return (
-        f"python3 main.py --server {url} --server-token {token} --state-dir /var/lib/tether-agent"
+        f"python3 main.py --server {settings.PUBLIC_URL} --server-token {token} "
+        "--state-dir /var/lib/tether-agent"
     )
 
 
@@ -40,7 +40,7 @@ def _token_page(request: HttpRequest, server: Server, token: str) -> HttpRespons
     context = {
         "server": server,
         "token": token,
-        "command_line": _agent_command_line(request, token),
+        "command_line": _agent_command_line(token),
     }
     response = render(request, "web/server_token.html", context)
     add_never_cache_headers(response)  # shown once: not from the back button's cache either
@@ -81,7 +81,7 @@ def server_install(request: HttpRequest, server_id: int) -> HttpResponse:
             server=server,
             agent=None,
             user=request.user,
-            server_url=request.build_absolute_uri("/").rstrip("/"),
+            server_url=settings.PUBLIC_URL,
         )
     except exceptions.APIException as exc:
         messages.error(request, f"{server.name}: {exc.detail}")

@@ -9,6 +9,7 @@ rendered here: the page's script follows the API's SSE streams with the session 
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import SuspiciousFileOperation
@@ -125,7 +126,7 @@ def agent_action(request: HttpRequest, agent_id: int, action: str) -> HttpRespon
             server=agent.server,
             agent=agent,
             user=request.user,
-            server_url=request.build_absolute_uri("/").rstrip("/"),
+            server_url=settings.PUBLIC_URL,
         )
     except exceptions.APIException as exc:
         messages.error(request, _message(exc))

@@ -2,6 +2,7 @@
 
 from typing import Any
 
+from django.conf import settings
 from django.db.models import QuerySet
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, serializers, status, viewsets
@@ -93,7 +94,7 @@ class RolloutViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
             agents=agents,
             batch_size=data.validated_data["batch_size"],
             max_errors=data.validated_data["max_errors"],
-            server_url=request.build_absolute_uri("/").rstrip("/"),
+            server_url=settings.PUBLIC_URL,
         )
         return Response(RolloutSerializer(rollout).data, status=status.HTTP_201_CREATED)
 

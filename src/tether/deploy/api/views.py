@@ -1,6 +1,7 @@
 """Human API for deployments (read, cancel, the live log) and the lifecycle actions that
 start them: `/api/agents/{id}/upgrade|stop|start/` and `/api/servers/{id}/install/`."""
 
+from django.conf import settings
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.csrf import csrf_exempt
@@ -62,7 +63,7 @@ def _lifecycle(request: Request, kind: str, server: Server, agent: Agent | None)
         server=server,
         agent=agent,
         user=request.user,
-        server_url=request.build_absolute_uri("/").rstrip("/"),
+        server_url=settings.PUBLIC_URL,
     )
     body = {"deployment_id": deployment.pk, "method": deployment.method}
     return Response(body, status=status.HTTP_202_ACCEPTED)

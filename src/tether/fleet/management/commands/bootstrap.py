@@ -49,7 +49,7 @@ class Command(BaseCommand):
         else:
             token = services.rotate_server_token(server=server, user=admin)
 
-        url = settings.PUBLIC_URL or f"http://{bind}"
+        url = os.environ.get("TETHER_PUBLIC_URL", "").rstrip("/") or f"http://{bind}"
         agent = Path(settings.AGENT_DIR) / "main.py"
         state_dir = settings.DATA_DIR / "agent-first-server"
         line = shlex.join(
