@@ -126,6 +126,7 @@ def agent(server: TetherServer) -> "Fuzzer":
             "version": "1.0.0",
             "signing": "hmac-sha256",
             "machine_id": uuid.uuid4().hex,
+            "instance_id": uuid.uuid4().hex,
         },
     )
     assert status == 201, registration

@@ -29,6 +29,7 @@ def signing_agent(fault_server: TetherServer, fault_api: Api):
             "version": agent.__version__,
             "signing": "hmac-sha256",
             "machine_id": uuid.uuid4().hex,
+            "instance_id": uuid.uuid4().hex,
         },
     )
     assert status == 201, reg
