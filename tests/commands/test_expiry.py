@@ -45,6 +45,11 @@ class ExpireQueuedCommandsTestCase(BaseTestCase):
             lease_expires_at=timezone.now() - timedelta(seconds=1)
         )
 
+        # While the agent is around, a delivery it lost is delivered again, not expired.
+        self.assertEqual(services.expire_queued_commands(), 0)
+        self.agent.status = "offline"
+        self.agent.save(update_fields=["status"])
+
         self.assertEqual(services.expire_queued_commands(), 1)
 
         held.refresh_from_db()

@@ -426,10 +426,12 @@ EXPIRE_BATCH = 1000
 
 def past_expiry(now: datetime) -> QuerySet[Command]:
     """Commands waiting past their expiry: queued ones, and delivered ones whose
-    lease ran out (the agent never started them and did not come back for them). Read from
+    lease ran out while their agent is away (it never started them and has not come back). Read from
     the (status, expires_at) index, so the sweep touches only them however many commands
     have ever run."""
-    waiting = Q(status=S.QUEUED) | Q(status=S.DELIVERED, lease_expires_at__lt=now)
+    # A delivery its agent lost while the agent is still around is delivered again instead.
+    gone = ~Q(agent__status__in=[Agent.Status.ONLINE, Agent.Status.PENDING, Agent.Status.UPGRADING])
+    waiting = Q(status=S.QUEUED) | (Q(status=S.DELIVERED, lease_expires_at__lt=now) & gone)
     # No order: a sweep takes any EXPIRE_BATCH of them (a sort would read them all first).
     return Command.objects.filter(
         waiting, status__in=[S.QUEUED, S.DELIVERED], expires_at__lt=now
