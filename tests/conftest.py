@@ -2,9 +2,11 @@
 own when TETHER_DATABASE_URL is set, as `make test-pg` does) and real agent processes on
 loopback. Everything waits on conditions with deadlines, never on fixed sleeps."""
 
+import atexit
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -233,6 +235,22 @@ def _decode(payload: bytes) -> Any:
         return payload
 
 
+_SQLITE_TEMPLATE: list[Path] = []
+
+
+def _migrated_sqlite() -> Path:
+    """A SQLite database migrated, with the admin, made on first use in this session."""
+    if not _SQLITE_TEMPLATE:
+        data_dir = Path(tempfile.mkdtemp(prefix="tether-template-"))
+        atexit.register(shutil.rmtree, data_dir, ignore_errors=True)
+        TetherServer(data_dir, {"TETHER_DATABASE_URL": ""})._migrate()
+        path = data_dir / "tether.sqlite3"
+        with sqlite3.connect(path) as conn:  # the whole database in the one file
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        _SQLITE_TEMPLATE.append(path)
+    return _SQLITE_TEMPLATE[0]
+
+
 class TetherServer:
     """One `tether serve` process on a data dir it owns; can be killed and restarted."""
 
@@ -266,11 +284,20 @@ class TetherServer:
         )
 
     def setup(self) -> "TetherServer":
+        """Migrate and make the admin. On SQLite, a database file migrated once per session
+        is copied instead (two interpreter starts and every migration, for each server)."""
+        if self.env.get("TETHER_DATABASE_URL"):
+            self._migrate()
+        else:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(_migrated_sqlite(), self.data_dir / "tether.sqlite3")
+        return self
+
+    def _migrate(self) -> None:
         self.cli("migrate", "--noinput", "-v0")
         self.cli(
             "createsuperuser", "--noinput", "--username", "admin", "--email", "admin@example.com"
         )
-        return self
 
     def start(self, *args: str) -> "TetherServer":
         self.proc = spawn(
