@@ -687,7 +687,7 @@ def poll_forever(agent):
             continue
         if resp.status != 200:
             log("warn", "poll refused", status=resp.status, error=resp.error_message())
-            agent.idle(backoff.next_delay())
+            agent.idle(max(backoff.next_delay(), retry_after(resp)))
             continue
         backoff.reset()
         refused_backoff.reset()
@@ -709,6 +709,12 @@ def poll_forever(agent):
                 agent.idle(float(agent.config.get("poll_interval") or 1))
             elif time.monotonic() - started < 0.05:
                 agent.idle(0.1)  # the server did not hold the poll: don't spin
+
+
+def retry_after(resp):
+    """A 429's Retry-After in seconds (0 when absent or not a number), at most 5 minutes."""
+    value = (resp.headers.get("Retry-After") or "").strip() if resp.headers else ""
+    return min(int(value), 300) if value.isdigit() else 0
 
 
 def _seconds(value):

@@ -34,6 +34,7 @@ class DeploymentViewSet(mixins.RetrieveModelMixin, mixins.ListModelMixin, viewse
     def get_serializer_class(self) -> type:
         return DeploymentSummarySerializer if self.action == "list" else DeploymentSerializer
 
+    @extend_schema(request=None, responses={202: DeploymentSerializer})
     @action(detail=True, methods=["post"])
     def cancel(self, request: Request, pk: str) -> Response:
         """Cancel a queued or running deployment; a finished one answers 409."""
