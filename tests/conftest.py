@@ -251,6 +251,32 @@ def _migrated_sqlite() -> Path:
     return _SQLITE_TEMPLATE[0]
 
 
+_PG_TEMPLATE: list[str] = []
+
+
+def _copy_pg_template(url: str) -> bool:
+    """Make `url`'s database (fresh_database_url's, still empty) a copy of a template
+    migrated once per session; False when it is not one of the suite's own databases."""
+    base = os.environ.get("TETHER_DATABASE_URL")
+    target = urlsplit(url)
+    name = target.path.lstrip("/")
+    if not base or not name.startswith("e2e_") or urlsplit(base).netloc != target.netloc:
+        return False
+    import psycopg
+
+    if not _PG_TEMPLATE:
+        template_url = fresh_database_url()
+        assert template_url is not None
+        data_dir = Path(tempfile.mkdtemp(prefix="tether-template-"))
+        atexit.register(shutil.rmtree, data_dir, ignore_errors=True)
+        TetherServer(data_dir, {"TETHER_DATABASE_URL": template_url})._migrate()
+        _PG_TEMPLATE.append(urlsplit(template_url).path.lstrip("/"))
+    with psycopg.connect(base, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE {name}")
+        conn.execute(f"CREATE DATABASE {name} TEMPLATE {_PG_TEMPLATE[0]}")
+    return True
+
+
 class TetherServer:
     """One `tether serve` process on a data dir it owns; can be killed and restarted."""
 
@@ -284,12 +310,14 @@ class TetherServer:
         )
 
     def setup(self) -> "TetherServer":
-        """Migrate and make the admin. On SQLite, a database file migrated once per session
-        is copied instead (two interpreter starts and every migration, for each server)."""
-        if self.env.get("TETHER_DATABASE_URL"):
+        """Migrate and make the admin. A database migrated once per session is copied
+        instead (two interpreter starts and every migration, for each server): a SQLite file,
+        or on the suite's PostgreSQL a template database."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        url = self.env.get("TETHER_DATABASE_URL")
+        if url and not _copy_pg_template(url):
             self._migrate()
-        else:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
+        elif not url:
             shutil.copyfile(_migrated_sqlite(), self.data_dir / "tether.sqlite3")
         return self
 

@@ -257,7 +257,7 @@ def test_x_forwarded_for_from_loopback_changes_no_address(server: TetherServer) 
     )
     assert status == 201, agent
     [(address,)] = server.sql("SELECT address FROM fleet_agent WHERE id = ?", agent["agent_id"])
-    assert address == "127.0.0.1"
+    assert str(address) == "127.0.0.1"  # PostgreSQL reads inet as an ip_address
 
 
 def test_the_install_url_never_comes_from_the_host_header(
@@ -347,7 +347,7 @@ def test_behind_named_proxies_the_forwarded_address_is_the_clients(tmp_path: Pat
         [(address,)] = proxied.sql(
             "SELECT address FROM fleet_agent WHERE id = ?", agent["agent_id"]
         )
-        assert address == "203.0.113.7"
+        assert str(address) == "203.0.113.7"
     finally:
         proxied.kill()
 
