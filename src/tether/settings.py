@@ -271,8 +271,8 @@ ACCEPT_LEGACY_AGENTS = env_bool("TETHER_ACCEPT_LEGACY_AGENTS", True)
 # Throttles ("N/s", "N/min", "N/hour", "N/day"; docs/security.md). Past a rate the caller
 # gets 429 with Retry-After. Registration counts every call per address; logins (API and
 # page) count failed attempts, per username and per address; agent requests refused with 401
-# count per address, which is then refused before its tokens are looked at; polls count per
-# agent, in each process's memory (a poll must cost no query).
+# count per address, which is then refused before its tokens are looked at; polls that found
+# nothing count per agent, in each process's memory (a poll must cost no query).
 REGISTER_RATE = env_rate("TETHER_REGISTER_RATE", "60/min")
 LOGIN_RATE = env_rate("TETHER_LOGIN_RATE", "10/min")
 LOGIN_ADDRESS_RATE = env_rate("TETHER_LOGIN_ADDRESS_RATE", "30/min")
