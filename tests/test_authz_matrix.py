@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.db import transaction
+from django.core.signals import request_finished
+from django.db import close_old_connections, transaction
 from django.test import TestCase
 from django.urls import URLPattern, URLResolver, get_resolver
 from rest_framework.test import APIClient
@@ -340,7 +341,14 @@ class AuthorizationMatrixTestCase(TestCase):
             else:
                 response = call(url, body or {})
             if getattr(response, "streaming", False):
-                response.close()  # a live stream: its status is the answer
+                # A live stream: its status is the answer. Closed as Django's test client
+                # closes a response, without the request_finished handler that would close
+                # the test's own database connection (PostgreSQL's: gone for the test).
+                request_finished.disconnect(close_old_connections)
+                try:
+                    response.close()
+                finally:
+                    request_finished.connect(close_old_connections)
             return response
         finally:
             transaction.savepoint_rollback(savepoint)
