@@ -14,6 +14,6 @@ class AgentTokenScheme(OpenApiAuthenticationExtension):
             "type": "apiKey",
             "in": "header",
             "name": "X-Agent-Token",
-            "description": "Agent token (UUID). Signing agents also send X-Tether-Timestamp "
-            "and X-Tether-Signature; see docs/agent-protocol.md.",
+            "description": "Agent token (UUID). Signing agents also send X-Tether-Timestamp, "
+            "X-Tether-Nonce and X-Tether-Signature; see docs/agent-protocol.md.",
         }
