@@ -240,6 +240,107 @@ class ApplyChunksTestCase(BaseTestCase):
         text = output_text(self.command, "stdout")
         self.assertEqual(text, "abc\ufffd" + dropped_marker(6) + "\ufffd\ufffdyz")
 
+    def test_a_hole_the_agent_declares_is_counted_and_marked(self) -> None:
+        self.apply(Chunk("stdout", b"01", 0))
+        self.apply(Chunk("stdout", b"56", 5, dropped=3))  # the agent lost [2, 5): disk full
+
+        self.assertEqual(self.stored(), b"01" + dropped_marker(3).encode() + b"56")
+        self.assertEqual((self.command.stdout_end, self.command.stdout_dropped), (7, 3))
+        self.assertEqual(self.command.stored_bytes, 4)
+        self.assertTrue(self.command.truncated)
+
+    def test_a_declared_hole_sent_again_changes_nothing(self) -> None:
+        self.apply(Chunk("stdout", b"01", 0))
+        self.apply(Chunk("stdout", b"56", 5, dropped=3))
+        before = (self.rows(), self.command.stored_bytes, self.command.stdout_dropped)
+
+        self.apply(Chunk("stdout", b"56", 5, dropped=3))
+        self.apply(Chunk("stdout", b"6", 6, dropped=4))  # a wider claim over stored bytes
+
+        self.assertEqual(
+            (self.rows(), self.command.stored_bytes, self.command.stdout_dropped), before
+        )
+
+    def test_a_hole_that_does_not_reach_the_stored_end_is_refused(self) -> None:
+        self.apply(Chunk("stdout", b"01", 0))
+
+        with self.assertRaises(Conflict):
+            self.apply(Chunk("stdout", b"9", 9, dropped=3))  # says [6, 9), [2, 6) is missing
+
+        self.assertEqual((self.stored(), self.command.stdout_dropped), (b"01", 0))
+
+    def test_a_hole_at_the_end_of_a_stream_is_marked(self) -> None:
+        self.apply(Chunk("stdout", b"last words", 0))
+        self.apply(Chunk("stdout", b"", 15, dropped=5))
+
+        self.assertEqual(self.stored(), b"last words" + dropped_marker(5).encode())
+        self.assertEqual((self.command.stdout_end, self.command.stdout_dropped), (15, 5))
+
+    @override_settings(MAX_OUTPUT_BYTES=8)
+    def test_a_hole_past_the_cap_moves_the_tail_to_what_follows_it(self) -> None:
+        self.send(b"0123456789", 2)  # head 0123, tail 6789
+        self.apply(Chunk("stdout", b"wxyz", 100, dropped=90))  # the agent's spool dropped 90
+
+        self.assertEqual(self.stored(), b"0123" + dropped_marker(96).encode() + b"wxyz")
+        self.assertEqual(self.rows(), [(0, b"01"), (2, b"23"), (100, b"wxyz")])
+        self.assertEqual((self.command.stdout_dropped, self.command.stored_bytes), (96, 8))
+
+    @override_settings(MAX_OUTPUT_BYTES=8)
+    def test_the_tail_keeps_what_preceded_a_short_hole(self) -> None:
+        self.send(b"012345", 2)
+        self.apply(Chunk("stdout", b"9", 9, dropped=3))  # end 10: the tail is [6, 10)
+
+        self.assertEqual(self.stored(), b"0123" + dropped_marker(5).encode() + b"9")
+        self.apply(Chunk("stdout", b"ab", 10))  # the tail is [8, 12): 9ab
+
+        self.assertEqual(self.stored(), b"0123" + dropped_marker(5).encode() + b"9ab")
+        self.assertEqual((self.command.stdout_dropped, self.command.stored_bytes), (5, 7))
+
+    def test_any_holes_keep_the_counts_true(self) -> None:
+        """Whatever the agent sends and drops, the readers show exactly the head and the
+        tail windows less the holes, and `<stream>_dropped` is the end less what is stored."""
+        for cap in (0, 5, 16, 64, 1000):
+            for seed in range(6):
+                with self.subTest(cap=cap, seed=seed), self.settings(MAX_OUTPUT_BYTES=cap):
+                    rng = random.Random(seed * 7919 + cap)
+                    discard_output(self.command)
+                    known: list[int | None] = []  # None: a byte the agent dropped
+                    while len(known) < 200:
+                        if rng.random() < 0.25:
+                            hole = rng.randrange(1, 30)
+                            data = bytes(rng.randrange(256) for _ in range(rng.randrange(6)))
+                            offset = len(known) + hole
+                            self.apply(Chunk("stdout", data, offset, dropped=hole))
+                            known += [None] * hole
+                        else:
+                            data = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 20)))
+                            self.apply(Chunk("stdout", data, len(known)))
+                        known += list(data)
+
+                    self.assertEqual(self.stored(), self.expected_view(known, cap))
+                    stored = sum(len(chunk) for _, chunk in self.rows())
+                    self.assertEqual(stored, self.command.stored_bytes)
+                    end = self.command.stdout_end
+                    self.assertEqual((end, self.command.stdout_dropped), (len(known), end - stored))
+
+    @staticmethod
+    def expected_view(known: list[int | None], cap: int) -> bytes:
+        """What read_output should give: kept bytes in order, one marker per missing run."""
+        head, tail = cap // 2, cap - cap // 2
+        view, missing = bytearray(), 0
+        for offset, byte in enumerate(known):
+            kept = byte is not None and (offset < head or offset >= len(known) - tail)
+            if not kept:
+                missing += 1
+                continue
+            if missing:
+                view += dropped_marker(missing).encode()
+                missing = 0
+            view.append(byte)  # type: ignore[arg-type]
+        if missing:
+            view += dropped_marker(missing).encode()
+        return bytes(view)
+
     def test_any_chunking_and_resending_stores_the_same_head_and_tail(self) -> None:
         data = bytes(random.Random(13).randrange(256) for _ in range(300))
         for cap in (0, 1, 7, 64, 300, 1000):

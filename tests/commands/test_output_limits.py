@@ -95,6 +95,32 @@ class OutputLimitsTestCase(BaseTestCase):
         )
         self.assertEqual(got[-1]["stdout_dropped"], 19)
 
+    async def test_both_streams_mark_bytes_the_agent_lost_at_the_end(self) -> None:
+        # The agent's disk filled up: it declares the stream's last 10 bytes dropped.
+        await sync_to_async(fleet_services.record_heartbeat)(agent=self.agent)
+        response = await sync_to_async(self.client.post)(
+            "/api/runs/", {"command": "make", "targets": {"agents": ["web-1"]}}, format="json"
+        )
+        command = await Command.objects.aget(run_id=response.json()["id"])
+        await sync_to_async(self.deliver)()
+        await sync_to_async(self.progress)(command, b"ok", 0)
+        await sync_to_async(services.record_progress)(
+            agent=self.agent, command_id=command.pk, chunks=[Chunk("stdout", b"", 12, dropped=10)]
+        )
+        await sync_to_async(self.finish)(command)
+
+        single = [d async for n, d in self.frames(_events(command.pk)) if n == "output"]
+        fleet = [d async for n, d in self.frames(run_events(command.run_id)) if n == "output"]
+
+        expected = "ok" + dropped_marker(10)
+        self.assertEqual(
+            expected, await sync_to_async(output_text)(await self.reload(command), "stdout")
+        )
+        self.assertEqual("".join(e["data"] for e in single), expected)
+        self.assertEqual("".join(e["data"] for e in fleet), expected)
+        self.assertEqual((single[-1]["offset"], single[-1]["dropped"]), (2, 10))
+        self.assertEqual((fleet[-1]["offset"], fleet[-1]["dropped"]), (2, 10))
+
     async def test_the_run_stream_marks_the_hole_and_sends_the_tail(self) -> None:
         await sync_to_async(fleet_services.record_heartbeat)(agent=self.agent)
         response = await sync_to_async(self.client.post)(

@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from django.utils import timezone
 
 from tether.commands.models import Command
+from tether.commands.output import dropped_marker
 
 from ..base import BaseTestCase
 
@@ -83,6 +84,28 @@ class ProgressTestCase(BaseTestCase):
         self.assertEqual(error["expected"], {"stdout": 3, "stderr": 0})
         self.assertEqual(self.read(self.command.pk)["stderr"], "")
 
+    def test_a_hole_the_agent_declares_dropped_is_recorded_not_asked_for(self) -> None:
+        self.progress(self.command.pk, stdout="head\n", offset_stdout=0)
+
+        response = self.progress(
+            self.command.pk, stdout="tail\n", offset_stdout=9, dropped_stdout=4
+        )
+
+        self.assertEqual(response.status_code, 200, response.content)
+        self.assertEqual(response.json()["offsets"]["stdout"], 14)
+        read = self.read(self.command.pk)
+        self.assertEqual(read["stdout"], "head\n" + dropped_marker(4) + "tail\n")
+        self.assertEqual((read["stdout_dropped"], read["truncated"]), (4, True))
+
+    def test_a_declared_hole_that_does_not_reach_the_stored_end_is_a_gap(self) -> None:
+        self.progress(self.command.pk, stdout="abc", offset_stdout=0)
+
+        response = self.progress(self.command.pk, stdout="xyz", offset_stdout=9, dropped_stdout=2)
+
+        error = self.assertError(response, 409, "offset_gap")
+        self.assertEqual(error["expected"], {"stdout": 3, "stderr": 0})
+        self.assertEqual(self.read(self.command.pk)["stdout_dropped"], 0)
+
     def test_it_measures_offsets_in_bytes(self) -> None:
         self.progress(self.command.pk, stdout="é", offset_stdout=0)
 
@@ -125,6 +148,10 @@ class ProgressTestCase(BaseTestCase):
             {"offset_stdout": -1, "stdout": "x"},
             {"encoding": "latin-1", "stdout": "x"},
             {"stdout": "not base64!", "encoding": "base64"},
+            {"stdout": "x", "dropped_stdout": 3},  # a hole with no offset to end at
+            {"stdout": "x", "offset_stdout": 2, "dropped_stdout": 3},  # before the start
+            {"stdout": "x", "offset_stdout": 2**62, "dropped_stdout": 2**63},
+            {"stdout": "x", "offset_stdout": 2, "dropped_stdout": -1},
         ):
             with self.subTest(body=body):
                 self.assertError(self.progress(self.command.pk, **body), 400, "invalid")

@@ -38,9 +38,22 @@ class ProgressInput(serializers.Serializer):
     offset_stderr = serializers.IntegerField(
         min_value=0, max_value=MAX_OFFSET, required=False, allow_null=True
     )
+    # The agent dropped this many bytes just before offset_<stream> (docs/agent-protocol.md,
+    # "Output limits"): the server records them as dropped instead of asking for them.
+    dropped_stdout = serializers.IntegerField(min_value=0, max_value=MAX_OFFSET, default=0)
+    dropped_stderr = serializers.IntegerField(min_value=0, max_value=MAX_OFFSET, default=0)
     encoding = serializers.ChoiceField(choices=["utf-8", "base64"], default="utf-8")
     started_at = serializers.FloatField(required=False, allow_null=True)
     append = serializers.BooleanField(default=True)
+
+    def validate(self, data: dict[str, Any]) -> dict[str, Any]:
+        for stream in ("stdout", "stderr"):
+            dropped = data[f"dropped_{stream}"]
+            offset = data.get(f"offset_{stream}")
+            if dropped and (offset is None or dropped > offset):
+                message = f"dropped_{stream} needs offset_{stream}, and cannot exceed it"
+                raise serializers.ValidationError({f"dropped_{stream}": [message]})
+        return data
 
 
 class ResultInput(ProgressInput):
@@ -61,6 +74,7 @@ class ResultInput(ProgressInput):
     append = serializers.BooleanField(default=False)
 
     def validate(self, data: dict[str, Any]) -> dict[str, Any]:
+        data = super().validate(data)
         if "status" not in data and "success" not in data:
             raise serializers.ValidationError("a result needs `status` or `success`")
         return data

@@ -6,6 +6,7 @@ import binascii
 from dataclasses import dataclass
 
 from django.conf import settings
+from django.db.models.functions import Length
 
 from tether.errors import Conflict
 
@@ -20,6 +21,9 @@ class Chunk:
     data: bytes
     # None: the older dialect's "append where the stream ends now".
     offset: int | None = None
+    # The agent dropped the `dropped` bytes before `offset` (its own spool limit, a full
+    # disk): they will never come, and the stream may continue at `offset`.
+    dropped: int = 0
 
 
 def decode_payload(value: str, encoding: str) -> bytes:
@@ -61,28 +65,51 @@ def apply_chunks(command: Command, chunks: list[Chunk]) -> None:
 
     Bytes before a stream's end are skipped, so a resent chunk is a no-op; a chunk that
     starts past the end would leave a hole, so the whole call is refused before anything is
-    written. A stream longer than MAX_OUTPUT_BYTES keeps its first half (the head) and its
-    last half (the tail, which rolls): the bytes between are counted in `<stream>_dropped`
-    and their rows deleted here, so storage stays bounded and each chunk costs a few
-    queries, never a rewrite of the stream.
+    written, unless the agent declares that hole dropped (`Chunk.dropped`). A stream longer
+    than MAX_OUTPUT_BYTES keeps its first half (the head) and its last half (the tail, which
+    rolls): the bytes between are counted in `<stream>_dropped` and their rows deleted here,
+    so storage stays bounded and each chunk costs a few queries, never a rewrite of the
+    stream. `<stream>_dropped` is always the stream's end minus the bytes stored of it.
     """
     for chunk in chunks:
-        if chunk.offset is not None and chunk.offset > getattr(command, f"{chunk.stream}_end"):
+        if chunk.offset is not None and chunk.offset - chunk.dropped > _end(command, chunk.stream):
             raise gap(command, chunk.stream)
     for chunk in chunks:
-        end = getattr(command, f"{chunk.stream}_end")
+        end = _end(command, chunk.stream)
+        if chunk.offset is not None and chunk.offset > end:
+            _skip(command, chunk.stream, end, chunk.offset)
+            end = chunk.offset
         start = end if chunk.offset is None else chunk.offset
         new = chunk.data[end - start :]
         if new:
             _store(command, chunk.stream, end, new)
-            setattr(command, f"{chunk.stream}_end", end + len(new))
+
+
+def _end(command: Command, stream: str) -> int:
+    return getattr(command, f"{stream}_end")
+
+
+def _count_dropped(command: Command, stream: str, count: int) -> None:
+    if count > 0:
+        field = f"{stream}_dropped"
+        setattr(command, field, getattr(command, field) + count)
+        command.truncated = True
+
+
+def _skip(command: Command, stream: str, end: int, to: int) -> None:
+    """The agent dropped [end, to): the stream ends at `to` now, and the tail window moves
+    with it (what it held before the hole is older than the window)."""
+    head, tail = window(settings.MAX_OUTPUT_BYTES)
+    _count_dropped(command, stream, to - end)
+    setattr(command, f"{stream}_end", to)
+    _evict(command, stream, head, max(head, to - tail))
 
 
 def _store(command: Command, stream: str, end: int, new: bytes) -> None:
     head, tail = window(settings.MAX_OUTPUT_BYTES)
     new_end = end + len(new)
-    # The tail keeps [tail_start, end of stream); [head, tail_start) is dropped.
-    old_start = max(head, end - tail)
+    # The tail keeps [tail_start, end of stream); [head, tail_start) is dropped. Rows before
+    # `end - tail` are gone already (each call evicts up to its own tail start).
     tail_start = max(head, new_end - tail)
     pieces = []
     if end < head:
@@ -91,39 +118,42 @@ def _store(command: Command, stream: str, end: int, new: bytes) -> None:
     first = max(end, head, tail_start)
     if first < new_end:
         pieces.append((first, new[first - end :]))
-    if tail_start > old_start:
+    # The new bytes that fall between the head and the tail are never stored.
+    _count_dropped(command, stream, first - max(end, head))
+    if tail_start > max(head, end - tail):
         _evict(command, stream, head, tail_start)
-        # What left storage now: the stored part of [old_start, tail_start).
-        command.stored_bytes -= max(0, min(tail_start, end) - old_start)
-        dropped = f"{stream}_dropped"
-        setattr(command, dropped, getattr(command, dropped) + tail_start - old_start)
-        command.truncated = True
     for offset, data in pieces:
         OutputChunk.objects.create(command=command, stream=stream, offset=offset, data=data)
         command.stored_bytes += len(data)
+    setattr(command, f"{stream}_end", new_end)
 
 
 def _evict(command: Command, stream: str, head: int, tail_start: int) -> None:
-    """Delete the rows of `stream` in [head, tail_start); the one row that crosses
-    `tail_start` keeps its part inside the tail (it moves to `tail_start`)."""
-    keep_from = tail_start
-    crossing = (
+    """Delete the rows of `stream` in [head, tail_start), counting their bytes dropped; the
+    one row that crosses `tail_start` keeps its part inside the tail (it moves there)."""
+    if tail_start <= head:
+        return
+    rows = list(
         OutputChunk.objects.filter(
             command=command, stream=stream, offset__gte=head, offset__lt=tail_start
         )
-        .order_by("-offset")
-        .values_list("id", "offset", "data")
-        .first()
+        .order_by("offset")
+        .values_list("id", "offset", Length("data"))
     )
-    if crossing is not None:
-        row_id, offset, data = crossing
-        if offset + len(data) > tail_start:
-            kept = bytes(data)[tail_start - offset :]
-            OutputChunk.objects.filter(pk=row_id).update(offset=tail_start, data=kept)
-            keep_from = offset
-    OutputChunk.objects.filter(
-        command=command, stream=stream, offset__gte=head, offset__lt=keep_from
-    ).delete()
+    if not rows:
+        return
+    removed = sum(size for _, _, size in rows)
+    row_id, offset, size = rows[-1]
+    if offset + size > tail_start:
+        data = OutputChunk.objects.values_list("data", flat=True).get(pk=row_id)
+        kept = bytes(data)[tail_start - offset :]
+        OutputChunk.objects.filter(pk=row_id).update(offset=tail_start, data=kept)
+        removed -= len(kept)
+        rows.pop()
+    if rows:
+        OutputChunk.objects.filter(pk__in=[row[0] for row in rows]).delete()
+    command.stored_bytes -= removed
+    _count_dropped(command, stream, removed)
 
 
 def discard_output(command: Command) -> None:

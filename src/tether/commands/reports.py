@@ -36,15 +36,15 @@ def chunks_from_report(values: dict[str, Any]) -> list[output.Chunk]:
     chunks = []
     for stream in output.STREAMS:
         text = values.get(stream)
-        if text is None:
+        dropped = values.get(f"dropped_{stream}") or 0
+        if text is None and not dropped:
             continue
         try:
-            payload = output.decode_payload(text, values["encoding"])
+            payload = output.decode_payload(text or "", values["encoding"])
         except ValueError as exc:
             raise exceptions.ValidationError({stream: [str(exc)]}) from exc
-        chunks.append(
-            output.Chunk(stream=stream, data=payload, offset=values.get(f"offset_{stream}"))
-        )
+        offset = values.get(f"offset_{stream}")
+        chunks.append(output.Chunk(stream=stream, data=payload, offset=offset, dropped=dropped))
     return chunks
 
 

@@ -126,26 +126,26 @@ async def run_events(run_id: int) -> AsyncIterator[str]:
                     done_err = sent.get((command_id, "stderr"), 0)
                     last_id = max(old[2], last_ids.get(command_id, 0))
                     seen[command_id] = (done_out, done_err, last_id)
-            for command_id, agent, host, state, exit_code, *_ in snap.targets:
+            for command_id, agent, host, state, exit_code, *_, out_end, err_end in snap.targets:
                 if states.is_final(state) and command_id not in flushed:
                     # Every chunk of a final target has been read: what a decoder still
                     # holds (a character cut by the output cap) is sent as the single-command
-                    # stream sends it, at offset -1.
+                    # stream sends it, at offset -1; bytes the agent lost at a stream's end
+                    # (a full disk) get their marker.
                     flushed.add(command_id)
-                    for stream in ("stdout", "stderr"):
+                    for stream, end in (("stdout", out_end), ("stderr", err_end)):
                         decoder = decoders.pop((command_id, stream), None)
                         tail = decoder.decode(b"", final=True) if decoder else ""
+                        target = {"command": command_id, "agent": agent, "hostname": host}
                         if tail:
                             yield event(
-                                "output",
-                                {
-                                    "command": command_id,
-                                    "agent": agent,
-                                    "hostname": host,
-                                    "stream": stream,
-                                    "offset": -1,
-                                    "data": tail,
-                                },
+                                "output", {**target, "stream": stream, "offset": -1, "data": tail}
+                            )
+                        done = sent.get((command_id, stream), 0)
+                        if end > done:
+                            marker = {"stream": stream, "offset": done, "dropped": end - done}
+                            yield event(
+                                "output", {**target, **marker, "data": dropped_marker(end - done)}
                             )
                 if statuses.get(command_id) != state:
                     statuses[command_id] = state

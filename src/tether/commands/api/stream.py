@@ -84,6 +84,10 @@ async def _events(command_id: int) -> AsyncIterator[str]:
                     tail = decoder.decode(b"", final=True)
                     if tail:
                         yield event("output", {"stream": stream, "offset": -1, "data": tail})
+                    missing = getattr(command, f"{stream}_end") - offsets[stream]
+                    if missing > 0:  # the agent lost the stream's last bytes (a full disk)
+                        marker = {"stream": stream, "offset": offsets[stream], "dropped": missing}
+                        yield event("output", {**marker, "data": dropped_marker(missing)})
                 yield event(
                     "end",
                     {
