@@ -58,6 +58,9 @@ STREAM_INTERVAL = 0.25  # new output reaches the server at least this often
 STREAM_EAGER_BYTES = 64 * 1024  # ...or at once when this much is pending
 MAX_CHUNK_BYTES = 256 * 1024  # raw bytes per stream per call
 MAX_BODY_BYTES = 1000 * 1000  # stays under the server's 1 MiB request limit
+# The spool's tail is kept in files of a quarter of the tail window, but not smaller than this:
+# dropping the oldest file is how the tail rolls (SpoolWriter).
+MIN_SEGMENT_BYTES = 16 * 1024
 # A command that ends within this window is reported with a single result call instead of an
 # acknowledging progress call followed by the result: the lease is far longer than this.
 ACK_DELAY = 0.05
@@ -175,7 +178,8 @@ class Backoff:
 #   tls.json              {"verify_ssl": false} while the server says not to verify it
 #   rpc.crt, rpc.key      the RPC endpoint's certificate and key (0600), from the server's CA
 #   commands/<id>.json    the journal: one entry per command ever accepted, so none runs twice
-#   out/<id>.stdout|err   the output spool: what the command wrote, kept until reported
+#   out/<id>.stdout|err   the output spool: what the command wrote, kept until reported;
+#   out/<id>.stdout.<N>   past the head, in segments named by the offset of their first byte
 # ---------------------------------------------------------------------------------------------
 
 
@@ -273,9 +277,15 @@ class Run:
         self.lock = threading.Lock()
         result = entry.get("result") or {}
         offsets = entry.get("offsets") or {}
+        # Bytes the command wrote to each stream (its offsets), spooled or not.
         self.stored = {s: int(result.get(s + "_size") or 0) for s in STREAMS}
         self.acked = {s: int(offsets.get(s) or 0) for s in STREAMS}
-        self.dropped = 0
+        # The spool of each stream: [first offset, size] of each file, in offset order (the
+        # gaps between them, and after the last, are bytes the agent dropped). spool_lock
+        # guards the lists and the files' deletion against the sender reading them.
+        self.segments = {s: [] for s in STREAMS}
+        self.spool_lock = threading.Lock()
+        self.dropped = 0  # bytes dropped before the sender took them
         self.acknowledged = False  # the server has answered a progress or result call
         self.cancel_requested = False
         self.started_mono = None
@@ -352,24 +362,71 @@ class Journal:
             self.active.pop(run.id, None)
             self.reported.add(run.id)
 
+    def segment_path(self, cid, stream, start):
+        path = self.spool_path(cid, stream)
+        return path if start == 0 else "%s.%d" % (path, start)
+
+    def spool_files(self, cid):
+        prefix = cid + "."
+        try:
+            return [n for n in os.listdir(self.out_dir) if n.startswith(prefix)]
+        except OSError:
+            return []
+
     def delete_spool(self, cid):
-        for stream in STREAMS:
+        for name in self.spool_files(cid):
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.spool_path(cid, stream))
+                os.unlink(os.path.join(self.out_dir, name))
 
-    def spool_size(self, cid, stream):
-        try:
-            return os.path.getsize(self.spool_path(cid, stream))
-        except OSError:
-            return 0
+    def load_segments(self, cid, stream):
+        """The spool files of a stream found on disk, as Run.segments holds them."""
+        segments = []
+        prefix = "%s.%s" % (cid, stream)
+        for name in self.spool_files(cid):
+            start = name[len(prefix) + 1 :] if name.startswith(prefix + ".") else None
+            if name != prefix and not (start and start.isdigit()):
+                continue
+            try:
+                size = os.path.getsize(os.path.join(self.out_dir, name))
+            except OSError:
+                continue
+            segments.append([int(start or 0), size])
+        segments.sort()
+        return segments
 
-    def read_spool(self, cid, stream, offset, size):
-        try:
-            with open(self.spool_path(cid, stream), "rb") as f:
-                f.seek(offset)
-                return f.read(size)
-        except OSError:
-            return b""
+    def read_spool(self, run, stream, offset, size):
+        """Up to `size` spooled bytes of `stream` from `offset`, as (where they start, how many
+        bytes right before that start the spool dropped, the bytes). Where `offset` falls in a
+        gap the bytes start after it; past the last file they are empty, at the stream's end."""
+        with run.spool_lock:
+            while True:
+                segments = run.segments[stream]
+                before = 0  # where the previous file ends
+                for segment in segments:
+                    start, length = segment
+                    if offset < start + length:
+                        break
+                    before = start + length
+                else:  # past the last file: what is left of the stream was dropped
+                    end = max(run.stored[stream], offset)
+                    return end, (end - before if end > offset else 0), b""
+                at = max(offset, start)
+                want = min(size, start + length - at)
+                try:
+                    with open(self.segment_path(run.id, stream, start), "rb") as f:
+                        f.seek(at - start)
+                        data = f.read(want)
+                except OSError:
+                    data = b""
+                if len(data) < want:
+                    # The file lost bytes (a power cut, a hand): the rest of it is a gap.
+                    log("warn", "spool shorter than expected", id=run.id, stream=stream)
+                    segment[1] = at - start + len(data)
+                    if not segment[1]:
+                        segments.remove(segment)
+                    if not data:
+                        continue
+                return at, (start - before if at > offset else 0), data
 
     def prune(self):
         """Forget reported commands after a day (by file age), and spool files nobody owns."""
@@ -387,7 +444,7 @@ class Journal:
             except OSError:
                 pass
         for name in os.listdir(self.out_dir):
-            if name.rsplit(".", 1)[0] not in active:
+            if name.split(".", 1)[0] not in active:
                 with contextlib.suppress(OSError):
                     os.unlink(os.path.join(self.out_dir, name))
 
@@ -1075,10 +1132,7 @@ class Runner:
         journal = self.agent.journal
         if not self.mark_started(run):
             return
-        spool = {
-            s: os.open(journal.spool_path(run.id, s), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            for s in STREAMS
-        }
+        spool = SpoolWriter(self.agent, run)
         try:
             try:
                 with stop_signals_unblocked():
@@ -1104,8 +1158,7 @@ class Runner:
             self.agent.sender.add(run)
             reason = self.pump(run, proc, spool)
         finally:
-            for fd in spool.values():
-                os.close(fd)
+            spool.close()
         self.finish(run, self.result_of(run, proc.returncode, reason))
 
     def result_of(self, run, returncode, reason):
@@ -1129,7 +1182,7 @@ class Runner:
                 result["error"] = "killed by signal %d" % -returncode
         if run.dropped:
             result["truncated"] = True
-            log("warn", "output truncated", id=run.id, dropped_bytes=run.dropped)
+            log("warn", "output dropped before it was sent", id=run.id, dropped_bytes=run.dropped)
         if result["exit_code"] is None:
             del result["exit_code"]
         return result
@@ -1150,7 +1203,6 @@ class Runner:
         timeout = spec.get("timeout")
         deadline = run.started_mono + float(timeout) if timeout and float(timeout) > 0 else None
         grace = self.agent.args.kill_grace
-        cap = run.entry.get("max_output_bytes") or DEFAULT_REMOTE_CONFIG["max_output_bytes"]
         reason = term_at = kill_at = exited_at = None
         selector = selectors.DefaultSelector()
         selector.register(proc.stdout, selectors.EVENT_READ, "stdout")
@@ -1192,7 +1244,7 @@ class Runner:
                     if not data:
                         selector.unregister(key.fileobj)
                         continue
-                    self.store(run, key.data, data, spool[key.data], cap)
+                    spool.write(key.data, data)
         finally:
             selector.close()
             proc.stdout.close()
@@ -1206,24 +1258,6 @@ class Runner:
             # Stragglers of the group (background children) must not outlive a kill.
             terminate_group(proc.pid, max(0.0, grace - (time.monotonic() - term_at)))
         return reason
-
-    def store(self, run, stream, data, fd, cap):
-        """Append to the spool up to the per-command cap (both streams together); past it the
-        bytes are only counted, and the result says `truncated: true`."""
-        room = cap - run.stored["stdout"] - run.stored["stderr"]
-        keep = data if len(data) <= room else data[: max(0, room)]
-        try:
-            view = memoryview(keep)
-            while view:
-                view = view[os.write(fd, view) :]
-                run.stored[stream] += len(keep) - len(view)
-        except OSError as exc:  # disk full: the command goes on, its output is lost past here
-            if not run.dropped:
-                log("error", "cannot spool output", id=run.id, error=exc)
-            keep = b""
-        run.dropped += len(data) - len(keep)
-        if run.pending(stream) >= STREAM_EAGER_BYTES:
-            self.agent.sender.wake()
 
     def recover(self):
         """Pick up what the previous agent process left in the journal."""
@@ -1246,9 +1280,9 @@ class Runner:
                 to_run.append(run)
             elif state == "started":
                 self.recover_interrupted(run)
-            else:  # done, not yet reported
+            else:  # done, not yet reported: the result says how long each stream was
                 for stream in STREAMS:
-                    run.stored[stream] = min(run.stored[stream], journal.spool_size(cid, stream))
+                    run.segments[stream] = journal.load_segments(cid, stream)
                 self.agent.sender.add(run)
         journal.prune()
         to_run.sort(key=lambda r: r.entry.get("accepted_at") or 0)
@@ -1268,8 +1302,10 @@ class Runner:
             if ours and group_alive(pid):
                 log("warn", "killing processes left by an interrupted command", id=run.id, pgid=pid)
                 terminate_group(pid, self.agent.args.kill_grace)
-        for stream in STREAMS:  # the spool never holds more than the cap
-            run.stored[stream] = self.agent.journal.spool_size(run.id, stream)
+        for stream in STREAMS:  # the spool says how far each stream got
+            segments = self.agent.journal.load_segments(run.id, stream)
+            run.segments[stream] = segments
+            run.stored[stream] = segments[-1][0] + segments[-1][1] if segments else 0
         now = time.time()
         result = {"status": "lost", "error": "agent restarted while the command ran"}
         result.update(started_at=entry.get("started_at") or now, finished_at=now)
@@ -1279,6 +1315,117 @@ class Runner:
 # ---------------------------------------------------------------------------------------------
 # Output spooling and sending
 # ---------------------------------------------------------------------------------------------
+
+
+class SpoolWriter:
+    """Spools a running command's output, each stream in files named by the offset of their
+    first byte: the head (the first `window // 2` bytes, as the server keeps them), then tail
+    segments. Once the tail files hold more than the tail window without their oldest, the
+    oldest is deleted: a stream of any length costs at most window + one segment of disk, and
+    its last bytes (usually the error) are always kept. Bytes deleted before the sender took
+    them, or lost to a full disk, are a gap the sender declares (docs/agent-protocol.md)."""
+
+    def __init__(self, agent, run):
+        self.agent = agent
+        self.run = run
+        # The server's cap per stream: it sends twice that as max_output_bytes (both streams).
+        total = run.entry.get("max_output_bytes") or DEFAULT_REMOTE_CONFIG["max_output_bytes"]
+        window = max(2, int(total) // 2)
+        self.head = window // 2
+        self.tail = window - self.head
+        self.segment_size = max(MIN_SEGMENT_BYTES, self.tail // 4)
+        self.files = {}  # stream -> (its last segment, open fd)
+        self.failed = False
+
+    def write(self, stream, data):
+        run = self.run
+        while data:
+            target = self.target(stream)
+            if target is None:  # no file for it: the bytes are lost
+                self.lose(stream, len(data), None)
+                break
+            segment, fd, room = target
+            piece = memoryview(data)[:room]
+            written = 0
+            try:
+                while written < len(piece):
+                    written += os.write(fd, piece[written:])
+            except OSError as exc:  # disk full: the command goes on, these bytes are lost
+                self.add(stream, segment, written)
+                self.close_file(stream)
+                self.lose(stream, len(data) - written, exc)
+                break
+            self.add(stream, segment, written)
+            data = data[written:]
+        self.trim(stream)
+        if run.pending(stream) >= STREAM_EAGER_BYTES:
+            self.agent.sender.wake()
+
+    def target(self, stream):
+        """The open file the next byte of `stream` goes to, and how many bytes it takes."""
+        pos = self.run.stored[stream]
+        current = self.files.get(stream)
+        if current is not None:
+            segment, fd = current
+            room = self.limit(segment[0]) - pos
+            if segment[0] + segment[1] == pos and room > 0:
+                return segment, fd, room
+            self.close_file(stream)
+        path = self.agent.journal.segment_path(self.run.id, stream, pos)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+        except OSError as exc:
+            self.note_failure(exc)
+            return None
+        segment = [pos, 0]
+        with self.run.spool_lock:
+            self.run.segments[stream].append(segment)
+        self.files[stream] = (segment, fd)
+        return segment, fd, self.limit(pos) - pos
+
+    def limit(self, start):
+        """Where a file that starts at `start` ends: the head's end, or one segment on."""
+        return self.head if start < self.head else start + self.segment_size
+
+    def add(self, stream, segment, count):
+        with self.run.spool_lock:
+            segment[1] += count
+        self.run.stored[stream] += count
+
+    def lose(self, stream, count, exc):
+        self.note_failure(exc)
+        self.run.stored[stream] += count
+        self.run.dropped += count
+
+    def note_failure(self, exc):
+        if exc is not None and not self.failed:
+            self.failed = True
+            log("error", "cannot spool output", id=self.run.id, error=exc)
+
+    def trim(self, stream):
+        """Delete the oldest tail files while the newer ones still hold the tail window."""
+        run = self.run
+        with run.spool_lock:
+            segments = run.segments[stream]
+            tail = [s for s in segments if s[0] >= self.head]
+            kept = sum(s[1] for s in tail)
+            while len(tail) > 1 and kept - tail[0][1] >= self.tail:
+                start, length = oldest = tail.pop(0)
+                with contextlib.suppress(OSError):
+                    os.unlink(self.agent.journal.segment_path(run.id, stream, start))
+                segments.remove(oldest)
+                kept -= length
+                run.dropped += max(0, start + length - max(start, run.acked[stream]))
+
+    def close_file(self, stream):
+        current = self.files.pop(stream, None)
+        if current is not None:
+            with contextlib.suppress(OSError):
+                os.close(current[1])
+
+    def close(self):
+        for stream in STREAMS:
+            self.close_file(stream)
 
 
 def encode_chunks(chunks, final):
@@ -1410,30 +1557,33 @@ class Sender:
                 self.send_progress(run)
 
     def take_chunks(self, run):
-        """The next unacknowledged bytes of each stream, read back from the spool."""
+        """The next unacknowledged bytes of each stream, read back from the spool: per stream,
+        (offset, bytes dropped right before it, the bytes)."""
         chunks = {}
         for stream in STREAMS:
             start = run.acked[stream]
-            size = min(run.pending(stream), run.chunk_limit)
-            data = self.journal.read_spool(run.id, stream, start, size) if size else b""
-            if len(data) < size:  # the spool lost bytes (power cut): report what exists
-                log("warn", "spool shorter than expected", id=run.id, stream=stream)
-                run.stored[stream] = start + len(data)
-                if run.entry.get("result"):
-                    run.entry["result"][stream + "_size"] = run.stored[stream]
-            chunks[stream] = data
+            if start < run.stored[stream]:
+                size = min(run.pending(stream), run.chunk_limit)
+                chunks[stream] = self.journal.read_spool(run, stream, start, size)
+            else:
+                chunks[stream] = (start, 0, b"")
         return chunks
 
     def build_output(self, run, final):
-        """Output fields for one call, shrunk until the body fits the server's request limit."""
+        """Output fields for one call, shrunk until the body fits the server's request limit,
+        and where each stream's acknowledged end will be once the server takes it."""
         while True:
-            chunks = self.take_chunks(run)
+            taken = self.take_chunks(run)
+            chunks = {stream: taken[stream][2] for stream in STREAMS}
             fields = encode_chunks(chunks, final)
-            fields["offset_stdout"] = run.acked["stdout"]
-            fields["offset_stderr"] = run.acked["stderr"]
+            for stream in STREAMS:
+                offset, dropped = taken[stream][:2]
+                fields["offset_" + stream] = offset
+                if dropped:
+                    fields["dropped_" + stream] = dropped
             size = len(json_bytes(fields))
             if size <= MAX_BODY_BYTES - 4096 or run.chunk_limit <= 4096:
-                return fields, {s: len(chunks[s]) for s in STREAMS}
+                return fields, {s: taken[s][0] + len(chunks[s]) for s in STREAMS}
             run.chunk_limit //= 2
 
     def post(self, run, kind, body):
@@ -1488,8 +1638,7 @@ class Sender:
             run.acknowledged = True
             run.conflicts = 0
             run.last_sent_mono = time.monotonic()
-            for stream in STREAMS:
-                run.acked[stream] += sent[stream]
+            run.acked.update(sent)
             if max(run.pending("stdout"), run.pending("stderr")) >= STREAM_EAGER_BYTES:
                 self.event.set()  # more is waiting: come back without waiting for the tick
             if resp.data.get("cancel"):
@@ -1513,11 +1662,11 @@ class Sender:
             body["stdout_size"] = run.acked["stdout"]
             body["stderr_size"] = run.acked["stderr"]
         else:
-            if max(run.pending("stdout"), run.pending("stderr")) > run.chunk_limit:
-                self.send_progress(run)  # too much for one call: output first, then the result
-                return
             if run.pending("stdout") or run.pending("stderr"):
-                fields, _ = self.build_output(run, final=True)
+                fields, reach = self.build_output(run, final=True)
+                if reach != run.stored:
+                    self.send_progress(run)  # more than one call: output first, then the result
+                    return
                 body.update(fields)
             body["stdout_size"] = run.stored["stdout"]
             body["stderr_size"] = run.stored["stderr"]

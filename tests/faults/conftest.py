@@ -64,6 +64,26 @@ def stored_output(server: TetherServer, command_id: int, stream: str = "stdout")
     return data
 
 
+def stored_runs(server: TetherServer, command_id: int, stream: str = "stdout") -> list:
+    """The stored bytes of one stream as [(offset, bytes)], one item per stretch between the
+    holes the agent declared; fails if two chunks overlap (a byte stored twice)."""
+    rows = server.sql(
+        'SELECT "offset", data FROM commands_outputchunk WHERE command_id = ? AND stream = ? '
+        'ORDER BY "offset"',
+        command_id,
+        stream,
+    )
+    runs: list[tuple[int, bytes]] = []
+    for offset, chunk in rows:
+        end = runs[-1][0] + len(runs[-1][1]) if runs else 0
+        assert offset >= end, f"{stream} chunk at {offset} overlaps the stored end {end}"
+        if runs and offset == end:
+            runs[-1] = (runs[-1][0], runs[-1][1] + bytes(chunk))
+        else:
+            runs.append((offset, bytes(chunk)))
+    return runs
+
+
 def assert_output(server: TetherServer, command_id: int, expected: bytes, stream: str = "stdout"):
     """The stream's stored bytes are exactly `expected`: nothing lost, nothing doubled."""
     got = stored_output(server, command_id, stream)

@@ -1,7 +1,7 @@
 """The agent's spool disk fills up while a command streams and another is handed out: the
-agent keeps running and polling, reports the output it could keep (the result says
-`truncated`), runs nothing it could not journal, and once space frees runs the held-back
-command once and spools again."""
+agent keeps running and polling, reports the output it could keep and declares the bytes it
+lost (one marker where they were, the count exact), runs nothing it could not journal, and
+once space frees runs the held-back command once and spools again."""
 
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,14 +10,15 @@ import pytest
 
 from tests.conftest import Fleet, wait_for
 from tests.faults.conftest import (
+    LEDGER,
     SmallDisk,
-    assert_output,
     fault_survived,
     gated,
     numbered,
     runs,
     start_agent,
     stored_output,
+    stored_runs,
 )
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
@@ -69,19 +70,18 @@ def test_a_full_spool_disk_loses_only_what_could_not_be_kept(
     again = fault_fleet.wait_final(second["id"])
 
     assert done["status"] == "succeeded" and done["truncated"], done
-    stored = stored_output(fault_fleet.server, first["id"])
-    kept_of_b = stored[len(part_a) : len(stored) - len(part_c)]
-    assert stored.startswith(part_a) and stored.endswith(part_c)
-    # One hole where the disk was full: part b's head (written before a block was needed), its
-    # tail (read after the space freed), each byte once and in order; most of it is gone.
-    head = next(
-        (i for i, (x, y) in enumerate(zip(kept_of_b, part_b, strict=False)) if x != y),
-        len(kept_of_b),
-    )
-    tail = kept_of_b[head:]
-    assert part_b.endswith(tail) and head <= len(part_b) - len(tail), disk.how
-    assert len(kept_of_b) < len(part_b) - 64 * 1024, disk.how
-    assert_output(fault_fleet.server, first["id"], part_a + kept_of_b + part_c)
+    # One hole where the disk was full, at its true place and of its true size (the agent
+    # declares it): the bytes around it stored once each, where the command wrote them.
+    whole = part_a + part_b + part_c
+    (start, head), (resumed, tail) = stored_runs(fault_fleet.server, first["id"])
+    hole = resumed - len(head)
+    assert start == 0 and whole.startswith(head) and head.startswith(part_a), disk.how
+    assert resumed + len(tail) == len(whole) and whole.endswith(tail), disk.how
+    assert tail.endswith(part_c) and hole > 64 * 1024, disk.how
+    assert done["stdout_dropped"] == hole
+    marker = f"\n[... {hole:,} bytes dropped ...]\n"  # the documented form
+    assert done["stdout"] == head.decode() + marker + tail.decode()
+    LEDGER["bytes_compared"] += len(whole)
     assert again["status"] == "succeeded" and again["stdout"] == "second\n", again
     assert runs(m1) == 1 and runs(m2) == 1
     fault_survived()
