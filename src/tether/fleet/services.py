@@ -37,9 +37,9 @@ def agent_config(agent: Agent | None = None) -> dict[str, Any]:
         "heartbeat_max_interval": heartbeat,
         "poll_min_interval": min(1.0, poll),
         "poll_max_interval": poll,
-        # What the agent spools of a command, both streams together: the server keeps up to
-        # MAX_OUTPUT_BYTES of each (head and tail), so a stream up to twice that reaches it
-        # whole and its real end survives (docs/agent-protocol.md, Output limits).
+        # Both streams' window: Tether's agent spools MAX_OUTPUT_BYTES of each, the same head
+        # and a rolling tail as the server keeps, and declares what it drops; agents of the
+        # original system read it as their cap (docs/agent-protocol.md, Output limits).
         "max_output_bytes": 2 * settings.MAX_OUTPUT_BYTES,
         "lease_seconds": settings.COMMAND_LEASE,
     }
