@@ -97,6 +97,17 @@ class ProgressTestCase(BaseTestCase):
         self.assertEqual(read["stdout"], "head\n" + dropped_marker(4) + "tail\n")
         self.assertEqual((read["stdout_dropped"], read["truncated"]), (4, True))
 
+    def test_the_largest_hole_an_agent_may_declare_is_stored_as_counts(self) -> None:
+        response = self.progress(
+            self.command.pk, stdout="end\n", offset_stdout=2**62, dropped_stdout=2**62
+        )
+
+        self.assertEqual(response.status_code, 200, response.content)
+        read = self.read(self.command.pk)
+        self.assertEqual(read["stdout"], dropped_marker(2**62) + "end\n")
+        self.assertEqual(read["stdout_dropped"], 2**62)
+        self.assertEqual(self.command.chunks.count(), 1)
+
     def test_a_declared_hole_that_does_not_reach_the_stored_end_is_a_gap(self) -> None:
         self.progress(self.command.pk, stdout="abc", offset_stdout=0)
 
