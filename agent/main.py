@@ -285,7 +285,7 @@ class Run:
         # guards the lists and the files' deletion against the sender reading them.
         self.segments = {s: [] for s in STREAMS}
         self.spool_lock = threading.Lock()
-        self.dropped = 0  # bytes dropped before the sender took them
+        self.dropped = 0  # bytes deleted from the spool unacknowledged (logged at the end)
         self.acknowledged = False  # the server has answered a progress or result call
         self.cancel_requested = False
         self.started_mono = None
@@ -384,7 +384,7 @@ class Journal:
         prefix = "%s.%s" % (cid, stream)
         for name in self.spool_files(cid):
             start = name[len(prefix) + 1 :] if name.startswith(prefix + ".") else None
-            if name != prefix and not (start and start.isdigit()):
+            if name != prefix and not (start and start.isascii() and start.isdigit()):
                 continue
             try:
                 size = os.path.getsize(os.path.join(self.out_dir, name))
@@ -395,38 +395,60 @@ class Journal:
         return segments
 
     def read_spool(self, run, stream, offset, size):
-        """Up to `size` spooled bytes of `stream` from `offset`, as (where they start, how many
-        bytes right before that start the spool dropped, the bytes). Where `offset` falls in a
-        gap the bytes start after it; past the last file they are empty, at the stream's end."""
+        """Up to `size` spooled bytes of `stream` from `offset`, across files that follow each
+        other, as (where they start, how many bytes right before that start the spool dropped,
+        the bytes, whether they stop where bytes were dropped). Where `offset` falls in a gap
+        the bytes start after it; past the last file they are empty, at the stream's end."""
         with run.spool_lock:
+            segments = run.segments[stream]
             while True:
-                segments = run.segments[stream]
-                before = 0  # where the previous file ends
-                for segment in segments:
-                    start, length = segment
-                    if offset < start + length:
+                index, before = 0, 0  # the first file that holds `offset` or follows it
+                while index < len(segments):
+                    start, length = segments[index]
+                    if length and offset < start + length:
                         break
-                    before = start + length
+                    before = start + length if length else before
+                    index += 1
                 else:  # past the last file: what is left of the stream was dropped
                     end = max(run.stored[stream], offset)
-                    return end, (end - before if end > offset else 0), b""
-                at = max(offset, start)
-                want = min(size, start + length - at)
-                try:
-                    with open(self.segment_path(run.id, stream, start), "rb") as f:
-                        f.seek(at - start)
-                        data = f.read(want)
-                except OSError:
-                    data = b""
-                if len(data) < want:
-                    # The file lost bytes (a power cut, a hand): the rest of it is a gap.
-                    log("warn", "spool shorter than expected", id=run.id, stream=stream)
-                    segment[1] = at - start + len(data)
-                    if not segment[1]:
-                        segments.remove(segment)
-                    if not data:
-                        continue
-                return at, (start - before if at > offset else 0), data
+                    return end, (end - before if end > offset else 0), b"", False
+                at = max(offset, segments[index][0])
+                data, short = self._read_files(run, stream, index, at, size)
+                if short and not data:
+                    continue  # a file lost bytes: look again
+                end = at + len(data)
+                cut = end < run.stored[stream] and not any(
+                    start <= end < start + length for start, length in segments
+                )
+                return at, (segments[index][0] - before if at > offset else 0), data, cut
+
+    def _read_files(self, run, stream, index, at, size):
+        """The bytes from `at` in the file at `index` and in those that continue it."""
+        segments = run.segments[stream]
+        parts = []
+        while size > 0 and index < len(segments):
+            start, length = segments[index]
+            if not start <= at < start + length:
+                break  # a gap, or nothing past the last file
+            want = min(size, start + length - at)
+            try:
+                with open(self.segment_path(run.id, stream, start), "rb") as f:
+                    f.seek(at - start)
+                    data = f.read(want)
+            except OSError:
+                data = b""
+            parts.append(data)
+            if len(data) < want:
+                # The file lost bytes (a power cut, a hand): the rest of it is a gap.
+                log("warn", "spool shorter than expected", id=run.id, stream=stream)
+                segments[index][1] = at - start + len(data)
+                if not segments[index][1]:
+                    del segments[index]
+                return b"".join(parts), True
+            at += want
+            size -= want
+            index += 1
+        return b"".join(parts), False
 
     def prune(self):
         """Forget reported commands after a day (by file age), and spool files nobody owns."""
@@ -1180,8 +1202,7 @@ class Runner:
             result.update(status="failed")
             if returncode is not None and returncode < 0:
                 result["error"] = "killed by signal %d" % -returncode
-        if run.dropped:
-            result["truncated"] = True
+        if run.dropped:  # the sender declares them, and the server counts them exactly
             log("warn", "output dropped before it was sent", id=run.id, dropped_bytes=run.dropped)
         if result["exit_code"] is None:
             del result["exit_code"]
@@ -1353,6 +1374,8 @@ class SpoolWriter:
             except OSError as exc:  # disk full: the command goes on, these bytes are lost
                 self.add(stream, segment, written)
                 self.close_file(stream)
+                if not segment[1]:  # an empty file would cost a call of its own to send
+                    self.discard(stream, segment)
                 self.lose(stream, len(data) - written, exc)
                 break
             self.add(stream, segment, written)
@@ -1392,6 +1415,12 @@ class SpoolWriter:
             segment[1] += count
         self.run.stored[stream] += count
 
+    def discard(self, stream, segment):
+        with self.run.spool_lock:
+            self.run.segments[stream].remove(segment)
+            with contextlib.suppress(OSError):
+                os.unlink(self.agent.journal.segment_path(self.run.id, stream, segment[0]))
+
     def lose(self, stream, count, exc):
         self.note_failure(exc)
         self.run.stored[stream] += count
@@ -1430,14 +1459,16 @@ class SpoolWriter:
 
 def encode_chunks(chunks, final):
     """Text when both chunks are UTF-8, base64 otherwise (the encoding covers the whole call).
-    While more output may follow, a character cut at the chunk's end waits for the next call."""
+    While more output may follow (`final[stream]` false), a character cut at the chunk's end
+    waits for the next call."""
     texts = {}
     for stream in STREAMS:
         data = chunks[stream]
         try:
             texts[stream] = data.decode("utf-8")
         except UnicodeDecodeError as exc:
-            if not final and exc.reason == "unexpected end of data" and len(data) - exc.start < 4:
+            cut = exc.reason == "unexpected end of data" and len(data) - exc.start < 4
+            if cut and not final[stream]:
                 try:
                     texts[stream] = data[: exc.start].decode("utf-8")
                     chunks[stream] = data[: exc.start]
@@ -1558,7 +1589,7 @@ class Sender:
 
     def take_chunks(self, run):
         """The next unacknowledged bytes of each stream, read back from the spool: per stream,
-        (offset, bytes dropped right before it, the bytes)."""
+        (offset, bytes dropped right before it, the bytes, whether they stop at a gap)."""
         chunks = {}
         for stream in STREAMS:
             start = run.acked[stream]
@@ -1566,7 +1597,7 @@ class Sender:
                 size = min(run.pending(stream), run.chunk_limit)
                 chunks[stream] = self.journal.read_spool(run, stream, start, size)
             else:
-                chunks[stream] = (start, 0, b"")
+                chunks[stream] = (start, 0, b"", False)
         return chunks
 
     def build_output(self, run, final):
@@ -1575,7 +1606,8 @@ class Sender:
         while True:
             taken = self.take_chunks(run)
             chunks = {stream: taken[stream][2] for stream in STREAMS}
-            fields = encode_chunks(chunks, final)
+            # Bytes that stop at a gap are never continued: a character cut there goes as is.
+            fields = encode_chunks(chunks, {s: final or taken[s][3] for s in STREAMS})
             for stream in STREAMS:
                 offset, dropped = taken[stream][:2]
                 fields["offset_" + stream] = offset

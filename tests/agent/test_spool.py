@@ -37,7 +37,7 @@ def send_all(
     byte up to the acknowledged end, counts dropped: the stretch from that end to the offset."""
     calls = []
     while run.acked[stream] < run.stored[stream]:
-        offset, dropped, data = journal.read_spool(run, stream, run.acked[stream], size)
+        offset, dropped, data, _ = journal.read_spool(run, stream, run.acked[stream], size)
         assert offset >= run.acked[stream] and offset - dropped <= run.acked[stream]
         if skips is not None:
             skips.append(offset - run.acked[stream])
@@ -146,14 +146,15 @@ def test_a_restarted_agent_finds_the_spool_as_it_was(tmp_path: Path) -> None:
     assert send_all(journal, again) == send_all(journal, run)
 
 
-def test_bytes_lost_to_a_full_disk_are_a_declared_gap(tmp_path: Path) -> None:
+def test_bytes_lost_to_a_full_disk_are_one_declared_gap(tmp_path: Path) -> None:
     journal, run = spool(tmp_path)
     w = writer(journal, run)
     w.write("stdout", b"before\n")
     real_write = agent.os.write
     agent.os.write = lambda fd, data: (_ for _ in ()).throw(OSError(28, "No space left"))
     try:
-        w.write("stdout", b"lost\n")
+        for _ in range(1000):  # each read of the pipe fails: no file is left for any of them
+            w.write("stdout", b"x" * 4096)
     finally:
         agent.os.write = real_write
     w.write("stdout", b"after\n")
@@ -161,8 +162,79 @@ def test_bytes_lost_to_a_full_disk_are_a_declared_gap(tmp_path: Path) -> None:
 
     calls = send_all(journal, run)
 
-    assert calls == [(0, 0, b"before\n"), (12, 5, b"after\n")]
-    assert run.stored["stdout"] == 18 and run.dropped == 5
+    lost = 1000 * 4096
+    assert calls == [(0, 0, b"before\n"), (7 + lost, lost, b"after\n")]
+    assert run.stored["stdout"] == 13 + lost and run.dropped == lost
+    assert len(list((tmp_path / "out").iterdir())) == 2
+
+
+def sender_of(journal: object) -> object:
+    """The agent's sender, without its thread and its HTTP client."""
+    sender = agent.Sender.__new__(agent.Sender)
+    sender.journal = journal
+    sender.event = SimpleNamespace(set=lambda: None)
+    return sender
+
+
+def test_text_cut_at_every_file_boundary_streams_whole(tmp_path: Path) -> None:
+    """A character across the head's end or a tail file's end: the sender carries on across
+    files that follow each other, so it is neither held back for ever nor split."""
+    journal, run = spool(tmp_path)
+    text = ("x" + "€" * 20000 + "\nerror: ü\n").encode()
+    writer(journal, run).write("stdout", text)
+    sender = sender_of(journal)
+    sent = []
+    for _ in range(200):
+        fields, reach = sender.build_output(run, final=False)
+        if reach == run.acked:
+            break
+        assert fields["encoding"] == "utf-8", "a character was split"
+        sent.append((fields["offset_stdout"], fields.get("dropped_stdout", 0), fields["stdout"]))
+        run.acked.update(reach)
+
+    assert run.acked["stdout"] == len(text)
+    assert sent[0][0] == 0 and sent[0][2].startswith("x€€")
+    assert "".join(part for _, _, part in sent).endswith("€€\nerror: ü\n")
+
+
+def test_a_character_cut_by_a_gap_is_sent_as_is(tmp_path: Path) -> None:
+    journal, run = spool(tmp_path)
+    w = writer(journal, run)
+    w.write("stdout", "ok €".encode()[:-1])  # the character's last byte never reached the disk
+    w.close()
+    run.stored["stdout"] += 1
+    sender = sender_of(journal)
+
+    fields, reach = sender.build_output(run, final=False)
+    run.acked.update(reach)
+    then, _ = sender.build_output(run, final=False)
+
+    assert (reach["stdout"], fields["encoding"]) == (5, "base64")  # not held back for ever
+    assert (then["offset_stdout"], then["dropped_stdout"], then["stdout"]) == (6, 1, "")
+
+
+def test_the_result_goes_once_the_output_is_sent(tmp_path: Path) -> None:
+    journal, run = spool(tmp_path)
+    w = writer(journal, run)
+    w.write("stdout", ("x" + "€" * 20000).encode())  # within the window: no gap
+    w.close()
+    run.entry.update(state="done", result={"status": "succeeded"})
+    run.acknowledged = True
+    sender = sender_of(journal)
+    calls = []
+
+    def post(run: object, kind: str, body: dict) -> object:
+        calls.append(kind)
+        return SimpleNamespace(status=200, data={})
+
+    sender.post = post
+    sender.mark_reported = lambda run: calls.append("reported")
+    for _ in range(100):
+        if calls and calls[-1] == "reported":
+            break
+        sender.send_result(run)
+
+    assert calls[-2:] == ["result", "reported"] and len(calls) < 10, calls
 
 
 def test_a_loss_at_the_end_is_declared_at_the_end(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 
 from django.utils import timezone
 
+from tether import metrics
 from tether.commands.models import Command
 from tether.commands.output import dropped_marker
 
@@ -96,6 +97,18 @@ class ProgressTestCase(BaseTestCase):
         read = self.read(self.command.pk)
         self.assertEqual(read["stdout"], "head\n" + dropped_marker(4) + "tail\n")
         self.assertEqual((read["stdout_dropped"], read["truncated"]), (4, True))
+
+    def test_a_declared_hole_is_not_output_received(self) -> None:
+        received = metrics.OUTPUT_BYTES.labels(stream="stdout")
+        before = received._value.get()
+
+        with self.captureOnCommitCallbacks(execute=True):
+            self.progress(self.command.pk, stdout="head\n", offset_stdout=0)
+            self.progress(
+                self.command.pk, stdout="tail\n", offset_stdout=2**40, dropped_stdout=2**40
+            )
+
+        self.assertEqual(received._value.get() - before, 10)  # tether_output_bytes_total
 
     def test_the_largest_hole_an_agent_may_declare_is_stored_as_counts(self) -> None:
         response = self.progress(

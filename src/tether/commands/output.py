@@ -60,7 +60,7 @@ def window(cap: int) -> tuple[int, int]:
     return head, cap - head
 
 
-def apply_chunks(command: Command, chunks: list[Chunk]) -> None:
+def apply_chunks(command: Command, chunks: list[Chunk]) -> dict[str, int]:
     """Store the new bytes of each chunk on `command` (caller saves it, in one transaction).
 
     Bytes before a stream's end are skipped, so a resent chunk is a no-op; a chunk that
@@ -70,19 +70,23 @@ def apply_chunks(command: Command, chunks: list[Chunk]) -> None:
     rolls): the bytes between are counted in `<stream>_dropped` and their rows deleted here,
     so storage stays bounded and each chunk costs a few queries, never a rewrite of the
     stream. `<stream>_dropped` is always the stream's end minus the bytes stored of it.
+    Returns how many bytes of each stream the agent declared dropped in this call.
     """
     for chunk in chunks:
         if chunk.offset is not None and chunk.offset - chunk.dropped > _end(command, chunk.stream):
             raise gap(command, chunk.stream)
+    skipped = dict.fromkeys(STREAMS, 0)
     for chunk in chunks:
         end = _end(command, chunk.stream)
         if chunk.offset is not None and chunk.offset > end:
             _skip(command, chunk.stream, end, chunk.offset)
+            skipped[chunk.stream] += chunk.offset - end
             end = chunk.offset
         start = end if chunk.offset is None else chunk.offset
         new = chunk.data[end - start :]
         if new:
             _store(command, chunk.stream, end, new)
+    return skipped
 
 
 def _end(command: Command, stream: str) -> int:

@@ -305,22 +305,23 @@ def record_progress(
         command = _locked_command(agent=agent, command_id=command_id)
         if states.takes_agent_reports(command.status):
             before = output.ends(command)
-            output.apply_chunks(command, chunks)
-            _count_received(command, before)
+            skipped = output.apply_chunks(command, chunks)
+            _count_received(command, before, skipped)
             _mark_running(command, started_at)
             command.save()
             wakeups.notify_on_commit(*_watchers(command))
     return {"offsets": output.ends(command), "cancel": command.cancel_requested}
 
 
-def _count_received(command: Command, before: dict[str, int]) -> None:
+def _count_received(command: Command, before: dict[str, int], skipped: dict[str, int]) -> None:
     """Count the output bytes this report added (tether_output_bytes_total), once committed:
     a resent chunk adds none, and neither does the older dialect's final result, which
-    carries again the output that progress already stored."""
+    carries again the output that progress already stored, nor a hole the agent declared."""
     for stream, end in output.ends(command).items():
-        if end > before[stream]:
+        received = end - before[stream] - skipped[stream]
+        if received > 0:
             counter = metrics.OUTPUT_BYTES.labels(stream=stream)
-            transaction.on_commit(partial(counter.inc, end - before[stream]))
+            transaction.on_commit(partial(counter.inc, received))
 
 
 def _watchers(command: Command) -> list[str]:
@@ -347,11 +348,11 @@ def record_result(*, agent: Agent, command_id: int, result: Result) -> None:
         if result.error_as_stderr and command.stderr_end == 0:
             error_chunk = output.Chunk(stream="stderr", data=result.error.encode(), offset=None)
             chunks = [*chunks, error_chunk]
-        output.apply_chunks(command, chunks)
+        skipped = output.apply_chunks(command, chunks)
         for stream, size in result.sizes.items():
             if getattr(command, f"{stream}_end") < size:
                 raise output.gap(command, stream)
-        _count_received(command, before)
+        _count_received(command, before, skipped)
         command.truncated = command.truncated or result.truncated
         _mark_running(command, result.started_at)
         _finish(command, result.status, exit_code=result.exit_code, error=result.error)
