@@ -1642,12 +1642,19 @@ class Sender:
         if run.backoff.failures in (1, 10) or run.backoff.failures % 50 == 0:
             log("warn", message, id=run.id, error=error, attempts=run.backoff.failures)
 
-    def resync(self, run, resp):
+    def resync(self, run, resp, body):
         """409 offset_gap: the server stores fewer bytes than we thought; send from its end."""
         error = resp.data.get("error")
         expected = error.get("expected") if isinstance(error, dict) else None
         if resp.error_code() != "offset_gap" or not isinstance(expected, dict):
             return False
+        if any(self.hole_refused(body, expected, s) for s in STREAMS):
+            # A hole that reached its end, refused: a server of an earlier release, which does
+            # not take declared holes. Report what it has instead of asking again for ever.
+            log("warn", "the server takes no declared holes; output stops here", id=run.id)
+            run.progress_refused = True
+            self.event.set()
+            return True
         run.conflicts += 1
         for stream in STREAMS:
             if isinstance(expected.get(stream), int):
@@ -1657,6 +1664,11 @@ class Sender:
         else:
             self.event.set()
         return True
+
+    @staticmethod
+    def hole_refused(body, expected, stream):
+        hole, end = body.get("dropped_" + stream), expected.get(stream)
+        return bool(hole) and isinstance(end, int) and end >= body["offset_" + stream] - hole
 
     def send_progress(self, run):
         fields, sent = self.build_output(run, final=False)
@@ -1680,7 +1692,7 @@ class Sender:
                 with run.lock:
                     run.entry["offsets"] = dict(run.acked)
                     self.journal.save(run.entry)
-        elif not (resp.status == 409 and self.resync(run, resp)):
+        elif not (resp.status == 409 and self.resync(run, resp, body)):
             error = resp.error_message()
             log("error", "progress refused", id=run.id, status=resp.status, error=error)
             run.progress_refused = True  # from now on only the result is sent
@@ -1705,7 +1717,12 @@ class Sender:
         resp = self.post(run, "result", body)
         if resp is None:
             return
-        if resp.status == 409 and not resend and run.conflicts < 20 and self.resync(run, resp):
+        if (
+            resp.status == 409
+            and not resend
+            and run.conflicts < 20
+            and self.resync(run, resp, body)
+        ):
             return
         if resp.status != 200:
             error = resp.error_message()

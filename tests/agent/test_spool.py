@@ -261,3 +261,36 @@ def test_prune_keeps_the_spool_of_a_command_still_reported(tmp_path: Path) -> No
     assert after == before and len(before) > 2
     journal.delete_spool("c1")
     assert not list((tmp_path / "out").iterdir())
+
+
+def test_a_server_that_takes_no_holes_gets_the_result_without_them(tmp_path: Path) -> None:
+    """A server of an earlier release refuses a declared hole (409, its end where the hole
+    starts): the agent reports what the server has instead of asking again for ever."""
+    journal, run = spool(tmp_path)
+    w = writer(journal, run)
+    w.write("stdout", b"head\n")
+    w.close()
+    run.stored["stdout"] += 100  # lost to a full disk
+    run.entry.update(state="done", result={"status": "failed", "exit_code": 1})
+    run.acknowledged = True
+    run.acked["stdout"] = 5
+    sender = sender_of(journal)
+    bodies = []
+
+    def post(run: object, kind: str, body: dict) -> object:
+        bodies.append((kind, body))
+        if "dropped_stdout" in body:
+            gap = {"code": "offset_gap", "expected": {"stdout": 5, "stderr": 0}}
+            return SimpleNamespace(status=409, data={"error": gap}, error_code=lambda: gap["code"])
+        return SimpleNamespace(status=200, data={})
+
+    sender.post = post
+    sender.mark_reported = lambda run: bodies.append(("reported", {}))
+    for _ in range(5):
+        sender.send_result(run)
+        if bodies[-1][0] == "reported":
+            break
+
+    kinds = [kind for kind, _ in bodies]
+    assert kinds == ["result", "result", "reported"], kinds
+    assert bodies[1][1]["stdout_size"] == 5 and "stdout" not in bodies[1][1]
