@@ -17,7 +17,10 @@ production timers: 25 s long-polls) and measures:
               (from the POST), results/s
   5 output    a run of `bench-output SIZE CHUNK` to --output-agents held agents, which stream
               SIZE bytes each in CHUNK-sized progress calls, then report: MB/s stored, and
-              every command's stdout read back through the API and compared (length, hash)
+              every command's stdout read back through the API and compared (length, hash);
+              with --max-output-bytes CAP (the server's TETHER_MAX_OUTPUT_BYTES), a SIZE past
+              CAP reads back as the head, the dropped marker and the tail, and its
+              `stdout_dropped` must be SIZE - CAP
 Phases 3-5 use the agents of phase 2, which are started whenever one of them runs.
 
 The bench learns that a command or a run is over by reading the database itself, so waiting
@@ -60,6 +63,7 @@ from tests.conftest import ADMIN_PASSWORD, BIN, Api, TetherServer, spawn, wait_f
 from tests.pgcluster import PgCluster  # noqa: E402
 
 PHASES = ("api", "held", "dispatch", "fanout", "output")
+DEFAULT_MAX_OUTPUT = 16 * 2**20  # the server's TETHER_MAX_OUTPUT_BYTES when none is given
 
 
 class LoadServer(TetherServer):
@@ -135,6 +139,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-agents", type=int, help="commands streaming at once (100)")
     parser.add_argument("--output-bytes", type=int, help="output per command (1 MiB)")
     parser.add_argument("--output-chunk", type=int, default=64 * 1024, help="bytes per call")
+    parser.add_argument(
+        "--max-output-bytes",
+        type=int,
+        help="the server's TETHER_MAX_OUTPUT_BYTES (default: the server's, 16 MiB)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the data dir and logs")
     args = parser.parse_args(argv)
     defaults: dict[str, Any] = dict(
@@ -154,6 +163,17 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown phases: {', '.join(sorted(unknown))}")
     if not 0 <= args.signed_share <= 1:
         parser.error("--signed-share is a fraction, 0 to 1")
+    if args.max_output_bytes is not None and args.max_output_bytes < 1:
+        parser.error("--max-output-bytes is at least 1")
+    # The older dialect's result carries the whole output again, in one body, which the
+    # server takes up to 2 x the cap + 64 KiB (MAX_RESULT_BYTES): past that it answers 413
+    # and the command never ends.
+    cap = args.max_output_bytes or DEFAULT_MAX_OUTPUT
+    if "output" in args.phases and args.signed_share < 1 and args.output_bytes > 2 * cap:
+        parser.error(
+            f"--output-bytes {args.output_bytes} does not fit the older dialect's result "
+            f"(at most 2 x the cap, {2 * cap}): use --signed-share 1"
+        )
     return args
 
 
@@ -195,6 +215,8 @@ def run(args: argparse.Namespace) -> None:
     serve_args: list[str] = []
     if args.database_url:
         env["TETHER_DATABASE_URL"] = args.database_url
+    if args.max_output_bytes is not None:
+        env["TETHER_MAX_OUTPUT_BYTES"] = str(args.max_output_bytes)
     if args.server_workers is not None:
         serve_args += ["--workers", str(args.server_workers)]
     database = "PostgreSQL" if args.database_url else "SQLite (WAL)"

@@ -19,6 +19,7 @@ from bench.measure import (
     CpuMeter,
     Database,
     Table,
+    cpu_seconds,
     memory_mib,
     moment,
     ms,
@@ -198,15 +199,18 @@ class Held:
     agents: list[tuple[int, str]] = field(default_factory=list)
 
     def stats(self) -> dict[str, Any]:
+        """The children's counters summed; `progress_ms` stays one list per child."""
         total: dict[str, Any] = Counter()
         errors: list[str] = []
+        progress_ms: list[list[float]] = []
         for child in self.children:
             stats = child.stats()
             for name, value in stats.items():
                 if isinstance(value, int):
                     total[name] += value
             errors += stats["last_errors"]
-        return {**total, "last_errors": errors[-5:]}
+            progress_ms.append(stats["progress_ms"])
+        return {**total, "last_errors": errors[-5:], "progress_ms": progress_ms}
 
     def pids(self) -> list[int]:
         return [child.proc.pid for child in self.children]
@@ -367,19 +371,44 @@ def fanout_phase(bench: Bench, held: Held) -> None:
     watch.add_rows("fanout")
 
 
+def expected_stdout(command_id: int, size: int, cap: int | None) -> tuple[bytes, int]:
+    """What the API reads back of `bench-output SIZE` on a server storing `cap` bytes a
+    stream (None: all of it), and its `stdout_dropped`: past the cap, the head, the marker
+    and the tail (docs/agent-protocol.md, "Output limits")."""
+    printed = output_for(command_id, size)
+    if cap is None or size <= cap:
+        return printed, 0
+    head, dropped = cap // 2, size - cap
+    marker = f"\n[... {dropped:,} bytes dropped ...]\n".encode()
+    return printed[:head] + marker + printed[head + dropped :], dropped
+
+
 def output_phase(bench: Bench, held: Held) -> None:
     """Every agent streams its output at once; then each command's stdout, read back through
-    the API, must be exactly what its agent printed."""
+    the API, must be exactly what its agent printed (past the cap: its head and tail)."""
     args, add = bench.args, bench.table.add
-    size, chunk = args.output_bytes, args.output_chunk
+    size, chunk, cap = args.output_bytes, args.output_chunk, args.max_output_bytes
     targets = held.pick(args.output_agents)
     before = held.stats()
     watch = Watch(bench, held.pids())
+
+    def database() -> list[int]:
+        return process_tree(args.database_pid) if args.database_pid else []
+
+    cpu_before = cpu_seconds(bench.server_processes()), cpu_seconds(database())
     run_id, began = start_run(bench, f"{OUTPUT_COMMAND} {size} {chunk}", targets)
     over = bench.db.wait_finished("commands_run", run_id, timeout=900)
+    cpu_after = cpu_seconds(bench.server_processes()), cpu_seconds(database())
     watch.stop()
     after = held.stats()
-    sent, errors = (after[name] - before[name] for name in ("output_bytes", "errors"))
+    sent, errors, calls = (
+        after[name] - before[name] for name in ("output_bytes", "errors", "progress_calls")
+    )
+    round_trips = [
+        value
+        for earlier, later in zip(before["progress_ms"], after["progress_ms"], strict=True)
+        for value in later[len(earlier) :]
+    ]
     states = run_states(bench, run_id)
     rows = bench.db.rows("SELECT id FROM commands_command WHERE run_id = ? ORDER BY id", run_id)
     verdict: Counter = Counter()
@@ -389,9 +418,11 @@ def output_phase(bench: Bench, held: Held) -> None:
         assert status == 200, command
         data = command["stdout"].encode()
         stored += len(data)
-        expected = output_for(command_id, size)
-        if data == expected:
+        expected, dropped = expected_stdout(command_id, size, cap)
+        if data == expected and command["stdout_dropped"] == dropped:
             verdict["intact"] += 1
+        elif data == expected:
+            verdict[f"stdout_dropped {command['stdout_dropped']}, not {dropped}"] += 1
         elif len(data) < len(expected):
             verdict["short (lost)"] += 1
         elif len(data) > len(expected):
@@ -400,9 +431,20 @@ def output_phase(bench: Bench, held: Held) -> None:
             verdict["same length, other bytes"] += 1
     elapsed = over - began
     label = f"{len(targets)} agents x {size / 2**20:.2f} MiB, {chunk // 1024} KiB a call"
-    add("output", label, f"{stored / 1e6:.1f} MB stored in {elapsed:.2f} s")
+    if cap is not None:
+        label += f", cap {cap / 2**20:.2f} MiB"
+    add("output", label, f"{stored / 1e6:.1f} MB read back in {elapsed:.2f} s")
     add("output", "output stored, MB/s", f"{stored / 1e6 / elapsed:.1f}", "≥ 20")
-    add("output", "output sent in progress calls", f"{sent / 1e6:.1f} MB")
+    add("output", "output sent in progress calls", f"{sent / 1e6:.1f} MB ({calls} calls)")
+    add("output", "output taken in, MB/s (sent / time)", f"{sent / 1e6 / elapsed:.1f}")
+    add("output", "progress call round trip (agent's clock)", ms(round_trips))
+    server_cpu = sum(cpu_after[0].values()) - sum(cpu_before[0].values())
+    per_call = f"{server_cpu * 1000 / max(calls, 1):.2f} ms"
+    add("output", "server CPU per progress call", f"{per_call} ({server_cpu:.1f} s in all)")
+    if args.database_pid:
+        database_cpu = sum(cpu_after[1].values()) - sum(cpu_before[1].values())
+        per_call = f"{database_cpu * 1000 / max(calls, 1):.2f} ms"
+        add("output", "PostgreSQL's CPU per progress call", f"{per_call} ({database_cpu:.1f} s)")
     add("output", "agent-side errors", f"{errors} {after['last_errors'] if errors else ''}")
     watch.add_rows("output")
     checked = ", ".join(f"{name}: {n}" for name, n in sorted(verdict.items()))

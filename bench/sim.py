@@ -138,6 +138,9 @@ class Stats:
     output_bytes: int = 0  # bytes of output handed to the server (first copy only)
     errors: int = 0
     last_errors: list[str] = field(default_factory=list)
+    # Each progress call's round trip as this agent saw it (ms): the server's time for the
+    # call, plus any wait for the server's CPU behind the calls of the other agents.
+    progress_ms: list[float] = field(default_factory=list)
 
     def error(self, what: str) -> None:
         self.errors += 1
@@ -151,6 +154,7 @@ class SimulatedAgent:
     secret: str | None  # None: the older dialect, which does not sign
     connection: Connection
     stats: Stats
+    round_trip: float = 0.0  # the last call's, in s: request written -> answer read
 
     @property
     def dialect(self) -> str:
@@ -175,9 +179,10 @@ class SimulatedAgent:
 
     async def call(self, method: str, path: str, payload: Any = None) -> tuple[int, Any]:
         body = b"" if payload is None else json.dumps(payload, separators=(",", ":")).encode()
-        status, raw = await self.connection.request(
-            method, path, self.headers(method, path, body), body
-        )
+        headers = self.headers(method, path, body)
+        began = time.perf_counter()
+        status, raw = await self.connection.request(method, path, headers, body)
+        self.round_trip = time.perf_counter() - began
         try:
             return status, json.loads(raw or b"null")
         except ValueError:
@@ -240,6 +245,7 @@ class SimulatedAgent:
             body = {"stdout": text, "offset_stdout": offset, "offset_stderr": 0}
             body.update(encoding="utf-8", started_at=started, append=True)
         status, answer = await self.call("POST", self.command_path(command_id, "progress"), body)
+        self.stats.progress_ms.append(round(self.round_trip * 1000, 3))
         self.stats.progress_calls += 1
         if status == 200:
             self.stats.output_bytes += len(text)
