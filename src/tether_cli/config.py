@@ -1,4 +1,5 @@
-"""Where tetherctl keeps its login: `{url, token}` in `$XDG_CONFIG_HOME/tether/config.json`
+"""Where tetherctl keeps its login: `{url, token, token_id}` in
+`$XDG_CONFIG_HOME/tether/config.json`
 (default `~/.config/tether/`), the directory 0700 and the file 0600 from the moment it exists.
 `TETHER_URL` and `TETHER_TOKEN` override what is stored, each on its own (scripts, CI)."""
 
@@ -17,6 +18,9 @@ HOW_TO_LOG_IN = "run `tetherctl login URL` (or set TETHER_URL and TETHER_TOKEN)"
 class Login:
     url: str
     token: str
+    # The token's id on its server (what `tetherctl logout` revokes); logins stored by
+    # earlier releases have none, and logout then finds it by the token's prefix.
+    token_id: str = ""
 
 
 def config_dir() -> Path:
@@ -47,7 +51,10 @@ def save_login(login: Login) -> Path:
             temporary.unlink()
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as file:
-            json.dump({"url": login.url, "token": login.token}, file, indent=2)
+            stored = {"url": login.url, "token": login.token}
+            if login.token_id:
+                stored["token_id"] = login.token_id
+            json.dump(stored, file, indent=2)
             file.write("\n")
             file.flush()
             os.fsync(file.fileno())
@@ -57,6 +64,15 @@ def save_login(login: Login) -> Path:
             temporary.unlink()
         raise CliError(f"cannot store the login in {path}: {exc.strerror or exc}") from exc
     return path
+
+
+def forget_login() -> None:
+    """Delete the stored login (nothing to do when there is none)."""
+    path = config_path()
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        raise CliError(f"cannot delete {path}: {exc.strerror or exc}") from exc
 
 
 def stored_login() -> dict[str, str]:

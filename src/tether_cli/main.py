@@ -14,7 +14,7 @@ from typer.core import TyperCommand
 
 from . import render, runs, tokens
 from .client import Client
-from .config import Login, current_login, normalize_url, save_login
+from .config import Login, current_login, forget_login, normalize_url, save_login, stored_login
 from .errors import INTERRUPTED, USAGE_OR_API_ERROR, CliError
 from .targets import parse_targets, resolve_agents, resolve_one
 
@@ -91,11 +91,46 @@ def login(
         )
     except CliError as exc:
         raise CliError(f"login failed: {exc}", status=exc.status, code=exc.code) from None
-    path = save_login(Login(url=url, token=answer["token"]))
+    path = save_login(Login(url=url, token=answer["token"], token_id=str(answer["id"])))
     render.note(f"logged in to {url} as {username}; login stored in {path}")
     overriding = [name for name in ("TETHER_URL", "TETHER_TOKEN") if os.environ.get(name)]
     if overriding:
         render.note(f"{' and '.join(overriding)} in the environment still override it")
+
+
+@app.command()
+def logout() -> None:
+    """Revoke the stored login's API token on its server, then forget the login.
+
+    A token given in TETHER_TOKEN is not touched (`tetherctl tokens revoke ID` does that). When
+    the server cannot be reached the login is kept, so that logout can be tried again.
+    """
+    stored = stored_login()
+    if not stored.get("url") or not stored.get("token"):
+        render.note("not logged in: nothing to do")
+        return
+    login = Login(url=normalize_url(stored["url"]), token=stored["token"])
+    api = Client(login)
+    try:
+        token_id = stored.get("token_id") or _token_id(api, login.token)
+        api.delete(f"/api/auth/tokens/{token_id}/")
+        done = f"token {token_id} revoked"
+    except CliError as exc:
+        if exc.status not in (401, 404):  # 401/404: the token no longer works already
+            raise CliError(f"logout failed, login kept: {exc}", status=exc.status) from None
+        done = "the token no longer worked"
+    forget_login()
+    render.note(f"logged out of {login.url}: {done}")
+
+
+def _token_id(api: Client, token: str) -> str:
+    """The id of `token` among its owner's tokens, by the prefix the server lists."""
+    found = [item for item in api.get_all("/api/auth/tokens/") if token.startswith(item["prefix"])]
+    if not found:  # revoked or expired: not listed
+        raise CliError("the token is not among yours", status=404)
+    if len(found) > 1:
+        raise CliError("cannot tell which of your tokens this login uses")
+    return str(found[0]["id"])
 
 
 def login_token_name() -> str:

@@ -84,3 +84,72 @@ def test_without_a_login_every_command_says_how_to_log_in(tmp_path: Path) -> Non
             "TETHER_TOKEN)"
         ], args
         assert done.stdout == ""
+
+
+def log_in(operator: Operator) -> tuple[dict[str, str], str]:
+    env = clean_env(operator.home, TETHER_PASSWORD=PASSWORD)
+    done = tetherctl("login", operator.tether.url, "--username", operator.username, env=env)
+    assert done.returncode == 0, done.stderr
+    path = operator.home / ".config" / "tether" / "config.json"
+    return clean_env(operator.home), json.loads(path.read_text())["token"]
+
+
+def test_logout_revokes_the_token_and_forgets_the_login(operator: Operator) -> None:
+    env, token = log_in(operator)
+    with_token = clean_env(operator.home, TETHER_URL=operator.tether.url, TETHER_TOKEN=token)
+
+    done = tetherctl("logout", env=env)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith(f"logged out of {operator.tether.url}: token ")
+    assert not (operator.home / ".config" / "tether" / "config.json").exists()
+    refused = tetherctl("agents", env=with_token)
+    assert refused.stderr.splitlines() == ["tetherctl: authentication failed (401): Invalid token."]
+    again = tetherctl("logout", env=env)
+    assert (again.returncode, again.stderr.strip()) == (0, "not logged in: nothing to do")
+
+
+def test_logout_finds_the_token_of_a_login_stored_without_its_id(operator: Operator) -> None:
+    env, token = log_in(operator)
+    path = operator.home / ".config" / "tether" / "config.json"
+    path.write_text(json.dumps({"url": operator.tether.url, "token": token}))  # an older login
+    other, _ = operator.api.post("/api/auth/tokens/", {"name": "kept"})
+    assert other == 201
+
+    done = tetherctl("logout", env=env)
+
+    assert done.returncode == 0, done.stderr
+    names = [t["name"] for t in operator.api.get("/api/auth/tokens/")[1]["results"]]
+    assert "kept" in names and not path.exists()
+    assert (
+        tetherctl(
+            "agents",
+            env=clean_env(operator.home, TETHER_URL=operator.tether.url, TETHER_TOKEN=token),
+        ).returncode
+        == 2
+    )
+
+
+def test_logout_keeps_the_login_when_the_server_is_unreachable(operator: Operator) -> None:
+    env, token = log_in(operator)
+    path = operator.home / ".config" / "tether" / "config.json"
+    stored = json.loads(path.read_text())
+    path.write_text(json.dumps({**stored, "url": f"http://127.0.0.1:{free_port()}"}))
+
+    done = tetherctl("logout", env=env)
+
+    assert done.returncode == 2
+    assert done.stderr.startswith("tetherctl: logout failed, login kept: cannot connect")
+    assert json.loads(path.read_text())["token"] == token
+
+
+def test_logout_forgets_a_token_that_no_longer_works(operator: Operator) -> None:
+    env, token = log_in(operator)
+    path = operator.home / ".config" / "tether" / "config.json"
+    token_id = json.loads(path.read_text())["token_id"]
+    assert operator.ctl("tokens", "revoke", token_id).returncode == 0
+
+    done = tetherctl("logout", env=env)
+
+    assert done.returncode == 0, done.stderr
+    assert "the token no longer worked" in done.stderr and not path.exists()
